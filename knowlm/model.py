@@ -1,0 +1,241 @@
+"""KnowLM causal language model: MindFormers' ``LlamaForCausalLM`` made to run anywhere MindSpore runs.
+
+Reference numerics: Hugging Face ``transformers``' ``modeling_llama.py`` (rotate-half RoPE, RMSNorm, GQA).
+On Ascend nothing here changes MindFormers' behaviour. On CPU and GPU, ``KnowLMForCausalLM`` swaps, inside its
+own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernels:
+
+1. configuration: fused ``RmsNorm`` off, sliced rotary embedding (the ``BatchMatMul`` swap-mask form does not
+   broadcast on CPU), no flash attention, float32 everywhere (bf16/fp16 lack CPU kernels);
+2. KV cache (``use_past=True``): ``ApplyRotaryPosEmb``, ``ReshapeAndCache`` and ``PagedAttention`` are replaced
+   by ``RotaryEmbeddingBSH``, ``KVCacheWrite`` and ``PagedAttentionReference`` below, written in plain
+   MindSpore ops on a preallocated cache so that they compile in GRAPH mode;
+3. decoding: greedy uses ``ops.argmax`` instead of ``mint.argmax`` and the sampling processors run in numpy
+   (``mint.topk``/``sort``/``cumsum`` have no CPU kernels); the final draw is numpy, so ``seed`` reproduces;
+4. execution: GRAPH mode, because MindSpore's default asynchronous PYNATIVE dispatch is 10-40x slower on CPU.
+"""
+import copy
+import logging
+
+import mindspore as ms
+import mindspore.common.dtype as mstype
+import numpy as np
+from mindspore import Parameter, nn, ops
+from mindformers.models.llama.llama import LlamaForCausalLM
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from knowlm.config import KnowLMConfig
+from knowlm.errors import KnowLMError
+from knowlm.registry import checkpoint_for
+
+log = logging.getLogger("knowlm")
+
+_CPU_SAFE = dict(fused_rms_norm=False, use_rope_slice=True, use_flash_attention=False, is_dynamic=False,
+                 compute_dtype="float32", param_init_type="float32", layernorm_compute_type="float32",
+                 softmax_compute_type="float32", rotary_dtype="float32", embedding_init_type="float32",
+                 residual_dtype="float32")
+
+
+def on_ascend() -> bool:
+    return ms.get_context("device_target") == "Ascend"
+
+
+def portable_config(config: KnowLMConfig) -> KnowLMConfig:
+    """A copy of ``config`` that avoids every Ascend-only kernel (identity on Ascend)."""
+    if on_ascend():
+        return config
+    config = copy.deepcopy(config)
+    for key, value in _CPU_SAFE.items():
+        setattr(config, key, value)
+    # LlamaConfig stores dtypes converted; rebuilding through __init__ keeps its conversions in one place.
+    return type(config)(**config.to_dict())
+
+
+def use_graph_mode():
+    if not on_ascend() and ms.get_context("mode") != ms.GRAPH_MODE:
+        log.info("knowlm: switching MindSpore to GRAPH mode on %s (PYNATIVE dispatch is 10-40x slower here)",
+                 ms.get_context("device_target"))
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+
+class RotaryEmbeddingBSH(nn.Cell):
+    """Rotate-half RoPE on ``(B, S, heads * D)`` query/key, as ``ApplyRotaryPosEmb`` computes on Ascend.
+
+    ``freqs_cis`` comes from MindFormers' ``FreqsMgr``: cos/sin of shape ``(B * S, D)`` in prefill (the table
+    tiled per batch row) and ``(B, D)`` in a decode step (gathered at each row's position).
+    """
+
+    def __init__(self, n_head, n_kv_head, head_dim):
+        super().__init__()
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head
+        self.head_dim = head_dim
+        self.half = head_dim // 2
+
+    def _rotate(self, x, n_head, cos, sin):
+        bs, seq, _ = x.shape
+        x = x.reshape(bs * seq, n_head, self.head_dim)
+        rotated = ops.cat((-x[:, :, self.half:], x[:, :, :self.half]), -1)
+        cos = cos.reshape(bs * seq, 1, self.head_dim)
+        sin = sin.reshape(bs * seq, 1, self.head_dim)
+        return (x * cos + rotated * sin).reshape(bs, seq, n_head * self.head_dim)
+
+    def construct(self, query, key, freqs_cis, batch_valid_length):
+        cos, sin, _ = freqs_cis
+        return self._rotate(query, self.n_head, cos, sin), self._rotate(key, self.n_kv_head, cos, sin)
+
+
+class KVCacheWrite(nn.Cell):
+    """``ReshapeAndCache``: write each token's key/value into its slot of the flat cache, in place.
+
+    The cache has one extra row at the end: padding tokens (slot -1) are written there, so one ``ScatterUpdate``
+    serves prompts of any length without a data-dependent shape.
+    """
+
+    def __init__(self, n_kv_head, head_dim, trash_slot):
+        super().__init__()
+        self.n_kv_head = n_kv_head
+        self.head_dim = head_dim
+        self.trash_slot = trash_slot
+        self.scatter = ops.ScatterUpdate()
+
+    def construct(self, key, value, key_cache, value_cache, slot_mapping):
+        n_tokens = slot_mapping.shape[0]
+        slots = ops.select(slot_mapping < 0, ops.full_like(slot_mapping, self.trash_slot), slot_mapping)
+        key = key.reshape(n_tokens, self.n_kv_head, self.head_dim)
+        value = value.reshape(n_tokens, self.n_kv_head, self.head_dim)
+        return ops.depend(self.scatter(key_cache, slots, key), self.scatter(value_cache, slots, value))
+
+
+class PagedAttentionReference(nn.Cell):
+    """``PagedAttention`` for one new token per sequence: gather the sequence's cache blocks and attend.
+
+    query ``(B, 1, heads * D)``; ``block_tables`` ``(B, max_blocks)`` (-1 = unused); keys at positions
+    ``>= batch_valid_length`` are masked out.
+    """
+
+    def __init__(self, n_head, n_kv_head, head_dim, block_size, scale):
+        super().__init__()
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.scale = scale
+        self.n_rep = n_head // n_kv_head
+
+    def _gather(self, cache, slots, bs, length):
+        states = ops.gather(cache, slots, 0).reshape(bs, length, self.n_kv_head, self.head_dim)
+        states = states.transpose(0, 2, 1, 3)                     # (B, kv_heads, T, D)
+        if self.n_rep > 1:
+            states = ops.repeat_interleave(states, self.n_rep, 1)   # (B, heads, T, D)
+        return states
+
+    def construct(self, query, key_cache, value_cache, block_tables, batch_valid_length):
+        bs, max_blocks = block_tables.shape
+        length = max_blocks * self.block_size
+        blocks = ops.maximum(block_tables, 0).reshape(bs, max_blocks, 1)
+        slots = (blocks * self.block_size + ops.arange(self.block_size, dtype=blocks.dtype)).reshape(bs, length)
+        key = self._gather(key_cache, slots, bs, length)
+        value = self._gather(value_cache, slots, bs, length)
+        query = query.reshape(bs, 1, self.n_head, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, 1, D)
+        scores = ops.matmul(query, key.transpose(0, 1, 3, 2)) * self.scale          # (B, heads, 1, T)
+        visible = ops.arange(length, dtype=mstype.int32).reshape(1, 1, 1, length) \
+            < batch_valid_length.reshape(bs, 1, 1, 1)
+        scores = ops.select(visible, scores, ops.full_like(scores, -1.0e9))
+        context = ops.matmul(ops.softmax(scores, -1), value)                          # (B, heads, 1, D)
+        return context.transpose(0, 2, 1, 3).reshape(bs, 1, self.n_head * self.head_dim)
+
+
+def _use_portable_kv_cache(network: LlamaForCausalLM):
+    """Swap the three Ascend-only KV-cache kernels of every layer for the cells above."""
+    for layer in network.model.layers:
+        attention = layer.attention.infer_attention
+        manager = attention.paged_attention_mgr
+        num_blocks, block_size = manager.key_cache.shape[:2]
+        slots = num_blocks * block_size
+        shape = (slots + 1, manager.n_kv_heads, manager.head_dim)
+        # Flat (slot, head, dim) layout so that ScatterUpdate can write a Parameter in place.
+        manager.key_cache = Parameter(ops.zeros(shape, mstype.float32), name="key_cache", requires_grad=False)
+        manager.value_cache = Parameter(ops.zeros(shape, mstype.float32), name="value_cache", requires_grad=False)
+        manager.reshape_and_cache = KVCacheWrite(manager.n_kv_heads, manager.head_dim, trash_slot=slots)
+        manager.paged_attention = PagedAttentionReference(manager.n_heads, manager.n_kv_heads, manager.head_dim,
+                                                          block_size, manager.scale_value)
+        attention.rotary_embedding = RotaryEmbeddingBSH(attention.n_head, attention.n_kv_head, attention.head_dim)
+
+
+def _argmax(logits, axis):
+    return ops.argmax(logits, axis)
+
+
+def is_kv_cache_parameter(name: str) -> bool:
+    return name.endswith(("key_cache", "value_cache"))
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class KnowLMForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` for KnowLM checkpoints; see the module docstring for what differs off Ascend.
+
+    Weights: ``config.checkpoint_name_or_path`` may be a ``.ckpt`` file or a knowlm model directory; they are
+    checked name by name and shape by shape (``knowlm.pretrained.load_weights``). A model built from a
+    registered pipeline name must have weights (``knowlm.registry``).
+    """
+
+    config_class = KnowLMConfig
+
+    def __init__(self, config: KnowLMConfig = None):
+        config = portable_config(config if config is not None else KnowLMConfig())
+        if getattr(config, "pipeline_name", None):
+            # Resolved before the (possibly 13B) parameters are allocated, so a missing path fails at once.
+            config.checkpoint_name_or_path = checkpoint_for(config.pipeline_name, config.checkpoint_name_or_path)
+        use_graph_mode()
+        super().__init__(config)
+        if not on_ascend():
+            self.argmax = _argmax
+            if config.use_past:
+                _use_portable_kv_cache(self)
+
+    def load_checkpoint(self, config):
+        # Imported here: knowlm.pretrained builds models, so it imports this module.
+        from knowlm.pretrained import load_weights  # pylint: disable=import-outside-toplevel
+        if config.checkpoint_name_or_path:
+            load_weights(self, config.checkpoint_name_or_path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_dir, **overrides):
+        """Load a knowlm model directory (``config.json``, MindSpore checkpoint, ``tokenizer.model``).
+
+        Keyword overrides (``use_past``, ``batch_size``, ``seq_length``, ...) replace config values.
+        """
+        from knowlm.pretrained import load_config  # pylint: disable=import-outside-toplevel
+        config = load_config(pretrained_model_name_or_dir, **overrides)
+        config.checkpoint_name_or_path = str(pretrained_model_name_or_dir)
+        return cls(config)
+
+    def get_logits_processor(self, generation_config, input_ids_seq_length, logits_processor):
+        return self._host_side(super().get_logits_processor(generation_config, input_ids_seq_length,
+                                                            logits_processor))
+
+    def get_logits_warper(self, generation_config):
+        return self._host_side(super().get_logits_warper(generation_config))
+
+    @staticmethod
+    def _host_side(processors):
+        if not on_ascend():
+            processors.use_numpy = True
+            for processor in processors:
+                processor.use_numpy = True
+        return processors
+
+    def generate(self, input_ids, generation_config=None, logits_processor=None, streamer=None, seed=None,
+                 **kwargs):
+        lengths = [len(ids) for ids in input_ids] if input_ids and isinstance(input_ids[0], (list, tuple,
+                                                                                             np.ndarray)) \
+            else [len(input_ids)]
+        if max(lengths) >= self.config.seq_length:
+            raise KnowLMError(f"prompt is {max(lengths)} tokens; the model's seq_length is "
+                              f"{self.config.seq_length}, so at most {self.config.seq_length - 1} prompt tokens "
+                              "leave room to generate: shorten the prompt or raise seq_length")
+        # MindSpore's predict fast path reuses the graph compiled for phase "prefill"/"increment" whatever the
+        # input shape; naming the phase by batch size gives each batch size its own graphs.
+        self._set_network_phase(f"batch{len(lengths)}")
+        return super().generate(input_ids, generation_config=generation_config, logits_processor=logits_processor,
+                                streamer=streamer, seed=seed, **kwargs)

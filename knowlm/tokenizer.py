@@ -1,0 +1,76 @@
+"""KnowLM's tokenizer: LLaMA's SentencePiece tokenizer with a padding token that exists in the vocabulary.
+
+MindFormers' old ``research/knowlm`` configured ``pad_token='<pad>'``, which LLaMA's 32000-piece vocabulary
+does not contain, so padding silently became ``<unk>`` in some places and failed in others. KnowLM (like its
+Hugging Face release) pads with id 0, ``<unk>``; this class makes that the default and refuses any pad token
+that is not a real piece.
+"""
+import io
+import os
+from pathlib import Path
+
+import sentencepiece as spm
+from mindformers.models.llama.llama_tokenizer import LlamaTokenizer
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from knowlm.errors import KnowLMError
+from knowlm.registry import checkpoint_for
+
+BUILTIN_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
+BUILTIN_CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
+
+
+@MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
+class KnowLMTokenizer(LlamaTokenizer):
+    """``LlamaTokenizer`` whose pad token defaults to ``<unk>`` (id 0) and must be in the vocabulary.
+
+    ``vocab_file`` may be a ``tokenizer.model`` file or a model directory holding one; when it is unset and
+    ``pipeline_name`` is given (yaml files of registered pipeline names), it is the one beside that name's weights.
+    """
+
+    def __init__(self, vocab_file=None, pad_token="<unk>", pipeline_name=None, **kwargs):
+        if not vocab_file and pipeline_name:
+            weights = Path(checkpoint_for(pipeline_name))
+            vocab_file = weights if weights.is_dir() else weights.parent
+        vocab_file = _resolve_vocab_file(vocab_file)
+        super().__init__(vocab_file=str(vocab_file), pad_token=pad_token, **kwargs)
+        pad = str(self.pad_token)
+        if pad != str(self.unk_token) and self.sp_model.piece_to_id(pad) == self.sp_model.unk_id():
+            raise KnowLMError(f"{vocab_file}: pad_token {pad!r} is not in the vocabulary; "
+                              f"use a piece it contains, such as {str(self.unk_token)!r} (id 0)")
+
+
+def _resolve_vocab_file(vocab_file):
+    if vocab_file is None:
+        raise KnowLMError("KnowLMTokenizer: vocab_file is not set; expected the path of a SentencePiece "
+                          "tokenizer.model or of a model directory that holds one")
+    path = Path(vocab_file)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    if not path.is_file():
+        raise KnowLMError(f"{path}: tokenizer.model not found; expected the SentencePiece model shipped "
+                          "with the weights (copy it from the Hugging Face checkpoint directory)")
+    try:
+        spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        raise KnowLMError(f"{path}: not a SentencePiece model ({str(err).splitlines()[0]})") from None
+    return path
+
+
+def train_tokenizer(texts, output_path, vocab_size):
+    """Train a LLaMA-style SentencePiece BPE model (unk 0, bos 1, eos 2, byte fallback) on ``texts``.
+
+    Used to make small tokenizers for tests and the built-in tiny model; writes ``output_path`` atomically.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=True, num_threads=1, minloglevel=2,
+        # LLaMA keeps text as written: NFKC would turn Chinese punctuation into ASCII and break round trips.
+        normalization_rule_name="identity", remove_extra_whitespaces=False)
+    output_path = Path(output_path)
+    tmp = output_path.with_name(output_path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, output_path)
+    return output_path

@@ -1,0 +1,74 @@
+"""KnowLMForCausalLM against Hugging Face transformers (the reference), on CPU."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import knowlm_logits
+from knowlm import KnowLMError, KnowLMForCausalLM
+
+PROMPTS = [[1, 17, 250, 31, 999, 5, 42], [1, 600, 7, 7, 300]]
+
+
+@pytest.fixture(scope="module")
+def no_cache(model_dir):
+    return KnowLMForCausalLM.from_pretrained(model_dir, use_past=False)
+
+
+@pytest.fixture(scope="module")
+def with_cache(model_dir):
+    return KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
+
+
+def hf_greedy(hf_model, ids, new_tokens):
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0].tolist()
+
+
+def test_logits_match_transformers_fp32(hf_model, no_cache):
+    ids = PROMPTS[0]
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([ids])).logits.numpy()
+    got = knowlm_logits(no_cache, [ids])
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_match_transformers(hf_model, no_cache, prompt):
+    expected = hf_greedy(hf_model, prompt, 12)
+    got = no_cache.generate([prompt], max_new_tokens=12, do_sample=False)[0].tolist()
+    assert got == expected[:len(got)] and (len(got) == len(expected) or got[-1] == 2)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_kv_cache_greedy_equals_no_cache_greedy(no_cache, with_cache, prompt):
+    expected = no_cache.generate([prompt], max_new_tokens=20, do_sample=False)[0].tolist()
+    assert with_cache.generate([prompt], max_new_tokens=20, do_sample=False)[0].tolist() == expected
+
+
+def test_sampling_with_top_k_1_equals_greedy(with_cache):
+    greedy = with_cache.generate([PROMPTS[0]], max_new_tokens=12, do_sample=False)[0].tolist()
+    sampled = with_cache.generate([PROMPTS[0]], max_new_tokens=12, do_sample=True, top_k=1, seed=3)[0].tolist()
+    assert sampled == greedy
+
+
+def test_same_seed_gives_same_sample_and_other_seed_differs(with_cache):
+    def sample(seed):
+        return with_cache.generate([PROMPTS[1]], max_new_tokens=16, do_sample=True, top_k=50, top_p=0.95,
+                                   temperature=1.5, repetition_penalty=1.3, seed=seed)[0].tolist()
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_batched_prompts_of_different_lengths_match_one_by_one(with_cache):
+    width = max(len(p) for p in PROMPTS)
+    batch = [p + [0] * (width - len(p)) for p in PROMPTS]
+    together = [row.tolist() for row in with_cache.generate(batch, max_new_tokens=10, do_sample=False)]
+    alone = [with_cache.generate([p], max_new_tokens=10, do_sample=False)[0].tolist() for p in PROMPTS]
+    assert together == alone
+
+
+def test_prompt_longer_than_seq_length_is_refused(with_cache):
+    with pytest.raises(KnowLMError, match="prompt is 300 tokens; the model's seq_length is 256"):
+        with_cache.generate([[1] + [5] * 299], max_new_tokens=4)
