@@ -32,7 +32,7 @@ log = logging.getLogger("knowlm")
 _CPU_SAFE = dict(fused_rms_norm=False, use_rope_slice=True, use_flash_attention=False, is_dynamic=False,
                  compute_dtype="float32", param_init_type="float32", layernorm_compute_type="float32",
                  softmax_compute_type="float32", rotary_dtype="float32", embedding_init_type="float32",
-                 residual_dtype="float32")
+                 residual_dtype="float32", disable_lazy_inline=True)
 
 
 def on_ascend() -> bool:
@@ -187,7 +187,8 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             # Resolved before the (possibly 13B) parameters are allocated, so a missing path fails at once.
             config.checkpoint_name_or_path = checkpoint_for(config.pipeline_name, config.checkpoint_name_or_path)
         use_graph_mode()
-        super().__init__(config)
+        # By keyword: MindFormers' lazy-inline decorator reads disable_lazy_inline only from a keyword config.
+        super().__init__(config=config)
         if not on_ascend():
             self.argmax = _argmax
             if config.use_past:
@@ -198,6 +199,8 @@ class KnowLMForCausalLM(LlamaForCausalLM):
         from knowlm.pretrained import load_weights  # pylint: disable=import-outside-toplevel
         if config.checkpoint_name_or_path:
             load_weights(self, config.checkpoint_name_or_path)
+            # Loaded: MindFormers' LoRA wrapper calls load_checkpoint on this config again, with its own loader.
+            self.config.checkpoint_name_or_path = ""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_dir, **overrides):

@@ -46,6 +46,18 @@ def load_config(model_dir, **overrides) -> KnowLMConfig:
     return KnowLMConfig(**{**values, **overrides})
 
 
+def index_shards(index: Path) -> list:
+    """The shard files named by a ``{"weight_map": {tensor: file}}`` index (knowlm's and Hugging Face's)."""
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+        raise KnowLMError(f"{index}: expected JSON with a 'weight_map' of name -> shard file ({err})") from None
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise KnowLMError(f"{index}: lists shard(s) not in the directory: {', '.join(missing)}")
+    return [index.parent / name for name in shards]
+
+
 def checkpoint_files(path) -> list:
     """The checkpoint file(s) behind ``path``: a ``.ckpt`` file, or a model directory (single or sharded)."""
     path = Path(path)
@@ -54,15 +66,7 @@ def checkpoint_files(path) -> list:
     if path.is_dir():
         index = path / WEIGHTS_INDEX_NAME
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as err:
-                raise KnowLMError(f"{index}: expected JSON with a 'weight_map' of name -> shard file "
-                                  f"({err})") from None
-            missing = [name for name in shards if not (path / name).is_file()]
-            if missing:
-                raise KnowLMError(f"{index}: lists shard(s) not in the directory: {', '.join(missing)}")
-            return [path / name for name in shards]
+            return index_shards(index)
         if (path / WEIGHTS_NAME).is_file():
             return [path / WEIGHTS_NAME]
         raise KnowLMError(f"{path}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in this directory")
@@ -112,11 +116,37 @@ def load_weights(network, path):
     ms.load_param_into_net(network, loaded, strict_load=True)
 
 
-def _atomic_write(path: Path, write):
+def atomic_write(path: Path, write):
     # The suffix stays last because mindspore.save_checkpoint appends ".ckpt" to any other name.
     tmp = path.with_suffix(".partial" + path.suffix)
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)     # an interrupted write leaves nothing behind
+
+
+def atomic_copy(source: Path, target: Path):
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_json(path: Path, values: dict):
+    atomic_write(path, lambda tmp: tmp.write_text(
+        json.dumps(values, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"))
+
+
+def prepare_output_dir(output_dir, force: bool, marker: str = CONFIG_NAME) -> Path:
+    """Create ``output_dir``; one holding a model (its ``marker`` file) is refused unless ``force``.
+
+    With ``force`` the old marker goes first, so an interrupted overwrite never looks complete.
+    """
+    output_dir = Path(output_dir)
+    if (output_dir / marker).exists():
+        if not force:
+            raise KnowLMError(f"{output_dir}: already holds a model; pass force=True (--force) to overwrite it")
+        (output_dir / marker).unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
 
 
 def save_pretrained(network, output_dir, tokenizer_file, force=False):
@@ -125,18 +155,14 @@ def save_pretrained(network, output_dir, tokenizer_file, force=False):
     Every file is written under a temporary name and renamed when complete; an existing directory with a
     config in it is refused unless ``force``.
     """
-    output_dir = Path(output_dir)
-    if (output_dir / CONFIG_NAME).exists() and not force:
-        raise KnowLMError(f"{output_dir}: already holds a model; pass force=True (--force) to overwrite it")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = prepare_output_dir(output_dir, force)
     params = [{"name": p.name, "data": p} for p in network.get_parameters() if not is_kv_cache_parameter(p.name)]
-    _atomic_write(output_dir / WEIGHTS_NAME, lambda tmp: ms.save_checkpoint(params, str(tmp)))
-    _atomic_write(output_dir / TOKENIZER_NAME, lambda tmp: shutil.copyfile(tokenizer_file, tmp))
+    atomic_write(output_dir / WEIGHTS_NAME, lambda tmp: ms.save_checkpoint(params, str(tmp)))
+    atomic_copy(tokenizer_file, output_dir / TOKENIZER_NAME)
     values = network.config.to_dict()
     values["checkpoint_name_or_path"] = ""
     # The config is written last: a directory with config.json is a complete one.
-    _atomic_write(output_dir / CONFIG_NAME, lambda tmp: tmp.write_text(
-        json.dumps(values, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"))
+    write_json(output_dir / CONFIG_NAME, values)
     return output_dir
 
 

@@ -4,6 +4,7 @@ MindFormers writes logs under $LOCAL_DEFAULT_PATH (default ./output) from the mo
 pointed at a temporary folder before anything imports it.
 """
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("LOCAL_DEFAULT_PATH", tempfile.mkdtemp(prefix="knowlm-test-output-"))
@@ -15,9 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import knowlm  # noqa: E402
-from knowlm.convert import hf_to_mindspore_name  # noqa: E402
-from knowlm.pretrained import save_pretrained  # noqa: E402
+from knowlm import convert  # noqa: E402
 from knowlm.tokenizer import BUILTIN_TOKENIZER  # noqa: E402
 
 # Same shape as the "tiny" preset, so the builtin 1000-piece tokenizer fits it.
@@ -29,25 +28,15 @@ TINY_HF = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidde
 
 
 def knowlm_config_from_hf(hf_config, **overrides):
-    return knowlm.KnowLMConfig(
-        hidden_size=hf_config.hidden_size, num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads, n_kv_heads=hf_config.num_key_value_heads,
-        intermediate_size=hf_config.intermediate_size, vocab_size=hf_config.vocab_size,
-        rms_norm_eps=hf_config.rms_norm_eps, theta=hf_config.rope_theta,
-        seq_length=hf_config.max_position_embeddings, max_position_embedding=hf_config.max_position_embeddings,
-        tie_word_embeddings=hf_config.tie_word_embeddings, compute_dtype="float32", param_init_type="float32",
-        **overrides)
+    """The float32 ``KnowLMConfig`` of a ``transformers.LlamaConfig``."""
+    return convert.knowlm_config_from_hf(hf_config.to_dict(), "float32", **overrides)
 
 
-def load_hf_weights(model, hf_model):
-    params = {}
-    for name, tensor in hf_model.state_dict().items():
-        target = hf_to_mindspore_name(name)
-        if target is not None and target not in params:
-            params[target] = ms.Parameter(ms.Tensor(tensor.detach().numpy()), name=target)
-    not_loaded, _ = ms.load_param_into_net(model, params, strict_load=True)
-    assert not [n for n in not_loaded if not n.endswith(("key_cache", "value_cache"))]
-    return model
+def save_hf_checkpoint(hf_model, path, **save_kwargs):
+    """``hf_model`` as a Hugging Face directory (``save_pretrained(**save_kwargs)``) with the builtin tokenizer."""
+    hf_model.save_pretrained(path, **save_kwargs)
+    shutil.copyfile(BUILTIN_TOKENIZER, path / "tokenizer.model")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +47,9 @@ def hf_model():
 
 @pytest.fixture(scope="session")
 def model_dir(hf_model, tmp_path_factory):
-    """The HF reference's weights saved as a knowlm model directory (config, checkpoint, tokenizer)."""
-    model = load_hf_weights(knowlm.KnowLMForCausalLM(knowlm_config_from_hf(hf_model.config)), hf_model)
-    return save_pretrained(model, tmp_path_factory.mktemp("tiny") / "model", BUILTIN_TOKENIZER)
+    """The HF reference converted by ``knowlm convert`` to a knowlm model directory (config, checkpoint, tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return convert.convert_checkpoint(save_hf_checkpoint(hf_model, root / "hf"), root / "model").output
 
 
 def knowlm_logits(model, ids):

@@ -1,0 +1,96 @@
+"""LoRA fine-tuning through MindFormers' Trainer on CPU: learning, frozen base, kill-and-resume, 2-rank msrun."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from knowlm import KnowLMTokenizer
+from knowlm.configs import CONFIG_DIR
+from knowlm.data import prepare_data
+from knowlm.train import finetune, latest_checkpoint
+
+TINY_LORA = CONFIG_DIR / "tiny" / "finetune_lora.yaml"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def train_data(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    # One answer for every question: a pattern a LoRA on a random base learns within a few dozen steps.
+    records = [{"instruction": f"说出第{i}个城市", "input": "", "output": "知识图谱由实体和关系组成"}
+               for i in range(16)]
+    (folder / "d.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    return prepare_data(folder / "d.jsonl", KnowLMTokenizer(vocab_file=str(model_dir)), folder / "d.mindrecord",
+                        seq_length=128) and folder / "d.mindrecord"
+
+
+def lora_state(path):
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path)).items()}
+
+
+def test_lora_lowers_loss_and_changes_only_lora_parameters(model_dir, train_data, tmp_path):
+    result = finetune(TINY_LORA, data=train_data, base=model_dir, output_dir=tmp_path, max_steps=40,
+                      overrides={"lr_schedule.learning_rate": 5.0e-3, "runner_config.epochs": 5})
+    assert len(result.losses) == 40
+    assert np.mean(result.losses[-8:]) < np.mean(result.losses[:8]) - 1.0
+    trainable = [p.name for p in result.network.trainable_params()]
+    assert len(trainable) == 2 * 7 * 2 and all("mindpet_delta_lora" in name for name in trainable)
+    base = ms.load_checkpoint(str(model_dir / "mindspore_model.ckpt"))
+    for param in result.network.get_parameters():
+        if param.name in base:
+            np.testing.assert_array_equal(param.asnumpy(), base[param.name].asnumpy(), err_msg=param.name)
+    saved = lora_state(result.checkpoint)
+    assert not [name for name in saved if name in base]                       # the base is never re-saved
+    assert any(np.abs(v).max() > 0 for k, v in saved.items() if k.endswith("lora_b"))  # B starts at zero
+
+
+def _run_finetune(args, **popen):
+    return subprocess.Popen([sys.executable, "-m", "knowlm.cli", "finetune", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, **popen)
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(model_dir, train_data, tmp_path):
+    # Dropout draws from MindSpore's RNG, whose state a checkpoint does not hold: compare without it.
+    common = ["--config", str(TINY_LORA), "--data", str(train_data), "--base", str(model_dir), "--max-steps", "12",
+              "--set", "model.model_config.pet_config.lora_dropout=0.0", "--set", "knowlm.save_every=4"]
+    assert _run_finetune([*common, "--output-dir", str(tmp_path / "straight")]).wait(timeout=300) == 0
+    killed = _run_finetune([*common, "--output-dir", str(tmp_path / "killed")])
+    checkpoints = tmp_path / "killed" / "checkpoints" / "rank_0"
+    deadline = time.time() + 300
+    while latest_checkpoint(checkpoints) is None and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert latest_checkpoint(checkpoints).name == "lora_rank_0-1_4.ckpt"
+    assert _run_finetune([*common, "--output-dir", str(tmp_path / "killed"), "--resume"]).wait(timeout=300) == 0
+    straight = lora_state(latest_checkpoint(tmp_path / "straight" / "checkpoints" / "rank_0"))
+    resumed = lora_state(latest_checkpoint(checkpoints))
+    assert latest_checkpoint(checkpoints).name == "lora_rank_0-2_4.ckpt" and straight.keys() == resumed.keys()
+    for name, value in straight.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def test_msrun_data_parallel_on_cpu_ends_with_identical_weights_on_both_ranks(model_dir, train_data, tmp_path):
+    env = dict(os.environ, OUTPUT_DIR=str(tmp_path / "launch"), MASTER_PORT="8131",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    run = subprocess.run(["bash", str(REPO / "scripts" / "run_distribute.sh"), "msrun", str(TINY_LORA), "2",
+                          "finetune", "--data", str(train_data), "--base", str(model_dir),
+                          "--output-dir", str(tmp_path / "dp"), "--max-steps", "4", "--set", "use_parallel=True",
+                          "--set", "parallel_config.data_parallel=2"],
+                         env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    ranks = [lora_state(latest_checkpoint(tmp_path / "dp" / "checkpoints" / f"rank_{r}")) for r in (0, 1)]
+    names = [n for n in ranks[0] if "mindpet_delta_lora" in n and not n.startswith("adam")]
+    assert len(names) == 28
+    for name in names:
+        np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
+    assert sorted(p.name for p in (tmp_path / "launch" / "log").glob("worker_*.log")) == ["worker_0.log",
+                                                                                          "worker_1.log"]
