@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +59,8 @@ PROMPT, NEW_TOKENS = 96, 32     # PROMPT + NEW_TOKENS == PREFILL
 TRAIN_BATCH, TRAIN_SEQ = 2, 256
 LORA_RANK, LORA_ALPHA, LEARNING_RATE, WEIGHT_DECAY = 8, 16, 1e-4, 0.01
 MEASURES = ("prefill", "decode", "train")
-PEER = {"prefill": "torch", "decode": "torch", "train": "torch", "convert": "mindformers"}
+VERSIONS = ("mindspore", "mindformers", "torch", "transformers", "peft", "numpy")
+BUSY_LOAD = 0.5             # load average above which the results are flagged as disturbed
 
 
 @dataclass
@@ -94,7 +96,8 @@ def forward_flops(c, batch, seq):
 
 
 def train_flops(c, batch, seq):
-    """LoRA step: a forward plus gradients of the activations, about twice a forward (frozen weights get none)."""
+    """Matmul FLOPs of a LoRA step: per weight and token 2 forward + 2 for the activations' gradient (frozen
+    weights get no gradient of their own, LoRA's are negligible); attention 3 times its forward."""
     return 3 * forward_flops(c, batch, seq) - 2 * batch * sum(weight_counts(c)) * seq
 
 
@@ -339,13 +342,12 @@ def run_config(name, plan, workdir, want_bounds, log):
     """Every measure of config ``name``: {measure: {side: result}} plus the conversion input and bounds."""
     workdir.mkdir(parents=True, exist_ok=True)
     setup = ["prepare", "convert_input"] + (["bounds"] if want_bounds else [])
-    groups = [[m] for m in MEASURES] if plan.isolate else [list(MEASURES)]
-    if not plan.isolate:                # setup shares the one process per side
-        torch_groups, knowlm_groups = [setup + groups[0]], [["prepare"] + groups[0]]
-    else:
-        torch_groups, knowlm_groups = [setup] + groups, [["prepare"]] + groups
+    if plan.isolate:
+        groups = {"torch": [setup] + [[m] for m in MEASURES], "knowlm": [["prepare"]] + [[m] for m in MEASURES]}
+    else:                   # one process per side: its setup, then every measure
+        groups = {"torch": [setup + list(MEASURES)], "knowlm": [["prepare", *MEASURES]]}
     raw = {"torch": {}, "knowlm": {}}
-    for side, side_groups in (("torch", torch_groups), ("knowlm", knowlm_groups)):
+    for side, side_groups in groups.items():
         for tasks in side_groups:
             raw[side].update(run_child(side, tasks, name, plan, workdir, log))
     measures = {m: {side: raw[side][m] for side in raw} for m in MEASURES}
@@ -386,7 +388,8 @@ def analyse(c, measures, bounds):
         convert[side]["bytes_per_s"] = convert["input"]["bytes"] / convert[side]["median_s"]
         convert[side]["fraction_of_bandwidth"] = convert[side]["bytes_per_s"] / bounds["bandwidth"]
     convert["ratio_mindformers_over_knowlm"] = convert["mindformers"]["median_s"] / convert["knowlm"]["median_s"]
-    convert["peak_rss_ratio_mindformers_over_knowlm"] = convert["mindformers"]["peak_rss"] / convert["knowlm"]["peak_rss"]
+    convert["peak_rss_ratio_mindformers_over_knowlm"] = \
+        convert["mindformers"]["peak_rss"] / convert["knowlm"]["peak_rss"]
     return measures
 
 
@@ -455,8 +458,10 @@ def chart(results, path):
               "convert RSS": ("convert", "peak_rss_ratio_mindformers_over_knowlm")}
     width = 0.8 / len(configs)
     for i, (name, m) in enumerate(configs.items()):
-        xs = [j + i * width for j in range(len(ratios))]
-        left.bar(xs, [m[measure][key] for measure, key in ratios.values()], width, label=name)
+        bars = left.bar([j + i * width for j in range(len(ratios))],
+                        [m[measure][key] for measure, key in ratios.values()], width, label=name)
+        left.bar_label(bars, fmt="%.2f", fontsize=7)
+    left.set_yscale("log")
     left.axhline(1.0, color="black", linewidth=0.8)
     left.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(ratios))], list(ratios), rotation=20)
     left.set_ylabel("peer / knowlm  (> 1: knowlm faster)")
@@ -474,7 +479,7 @@ def chart(results, path):
         right.bar([j + k * 0.4 for j in range(len(labels))], values, 0.4, label=side)
     right.set_xticks([j + 0.2 for j in range(len(labels))], labels, fontsize=8)
     right.set_ylabel("% of hardware bound")
-    right.set_title("prefill, LoRA: % of peak matmul FLOP/s; decode: % of memory bandwidth")
+    right.set_title("fraction of the bound: peak matmul FLOP/s (decode: memory bandwidth)")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -505,7 +510,8 @@ def main(argv=None):
         print(f"[{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
 
     results = {"mode": "tiny" if args.tiny else "quick" if args.quick else "full",
-               "machine": {"cpus": os.cpu_count(), "threads_per_side": THREADS, "loadavg_before": os.getloadavg()},
+               "machine": {"cpus": os.cpu_count(), "threads_per_side": THREADS, "loadavg_before": os.getloadavg(),
+                           "versions": {name: version(name) for name in VERSIONS}},
                "repeats": plan.repeats, "configs": {}}
     try:
         bounds = None
@@ -522,6 +528,11 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(results, indent=1))
     chart(results, out / "results.png")
     print(table(results))
+    load = results["machine"]["loadavg_before"][0]
+    if load > BUSY_LOAD:
+        print(f"warning: the load average was {load:.1f} when the run started: other processes were using the CPU. "
+              f"With {os.cpu_count()} cores, 2-thread OpenMP work (torch) then waits for a descheduled thread and "
+              "runs many times slower; rerun on an idle machine")
     print(f"wrote {out / 'results.json'} and {out / 'results.png'} in {time.perf_counter() - started:.0f} s")
     return 0
 

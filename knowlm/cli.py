@@ -38,7 +38,8 @@ def cmd_prepare_data(args):
 
 def cmd_finetune(args):
     from knowlm.train import finetune  # pylint: disable=import-outside-toplevel
-    finetune(args.config, resume=args.resume, max_steps=args.max_steps, **_shaping(args))
+    finetune(args.config, resume=args.resume, max_steps=args.max_steps, export_merged=args.export_merged,
+             **_shaping(args))
 
 
 def _shaping(args):
@@ -134,9 +135,36 @@ def cmd_import_peft(args):
     print(import_peft_adapter(args.peft_dir, args.out_dir, force=args.force, echo=print))
 
 
+def cmd_bench(args):
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+    from knowlm.errors import KnowLMError  # pylint: disable=import-outside-toplevel
+    script = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+    if not script.is_file():
+        raise KnowLMError(f"{script}: not found; `knowlm bench` runs from a source checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("knowlm_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--config", args.config, *(["--quick"] if args.quick else []),
+                *(["--out", args.out] if args.out else [])])
+
+
+def cmd_quickstart(args):
+    from knowlm.quickstart import quickstart, report  # pylint: disable=import-outside-toplevel
+    print(report(quickstart(workdir=args.workdir, steps=args.steps, seed=args.seed, keep=args.keep)))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="knowlm", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
+
+    start = verbs.add_parser("quickstart", help="the whole workflow on a built-in default: convert, finetune, "
+                                                "extract and score, on CPU in minutes")
+    start.add_argument("--workdir", help="keep every intermediate file here (an empty or new folder)")
+    start.add_argument("--steps", type=int, default=600, help="fine-tuning steps (default 600)")
+    start.add_argument("--seed", type=int, default=0)
+    start.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
+    start.set_defaults(run=cmd_quickstart)
 
     gen = verbs.add_parser("generate", help="continue one or more prompts")
     gen.add_argument("prompt", nargs="+", help="prompt text; several prompts run as one batch")
@@ -175,6 +203,8 @@ def build_parser():
     tune.add_argument("--config", required=True, help="finetune yaml, e.g. configs/tiny/finetune_lora.yaml")
     tune.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     tune.add_argument("--max-steps", type=int, help="stop after this many steps")
+    tune.add_argument("--export-merged", metavar="DIR",
+                      help="at the end, write the trained model (LoRA merged) as a model directory")
     tune.set_defaults(run=cmd_finetune)
 
     check = verbs.add_parser("check-config", parents=[shaping], help="validate a yaml before launching it")
@@ -262,6 +292,11 @@ def build_parser():
     peft.add_argument("peft_dir")
     peft.add_argument("out_dir")
     peft.set_defaults(run=cmd_import_peft)
+    bench = verbs.add_parser("bench", help="speed against Hugging Face transformers + PEFT on this CPU (bench/run.py)")
+    bench.add_argument("--quick", action="store_true", help="small config only, fewer repeats, small conversion")
+    bench.add_argument("--config", choices=("small", "large", "both"), default="both")
+    bench.add_argument("--out", help="folder for results.json and results.png (default: bench/results/)")
+    bench.set_defaults(run=cmd_bench)
     for verb in (conv, export, merge, peft):
         verb.add_argument("--force", action="store_true", help="overwrite an existing output")
     return parser

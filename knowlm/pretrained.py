@@ -113,6 +113,8 @@ def load_weights(network, path):
         if value.dtype != expected[name].dtype:
             loaded[name] = ms.Parameter(ms.Tensor(value.asnumpy().astype(ms.dtype_to_nptype(expected[name].dtype))),
                                         name=name)
+    # The KV cache is state, not weights: passed as itself so MindSpore does not warn that it was not loaded.
+    loaded.update({p.name: p for p in network.get_parameters() if is_kv_cache_parameter(p.name)})
     ms.load_param_into_net(network, loaded, strict_load=True)
 
 

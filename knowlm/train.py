@@ -7,11 +7,15 @@ optimizer moments, step counters), written under a temporary name and renamed wh
 the newest and MindFormers skips the batches already seen, so an interrupted run ends where an uninterrupted one
 does.
 """
+import copy
+import json
+import logging
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import mindspore as ms
 from mindspore import ops
@@ -22,6 +26,7 @@ from tqdm import tqdm
 
 from knowlm.errors import KnowLMError
 
+log = logging.getLogger("knowlm")
 _all_finite = ops.MultitypeFuncGraph("all_finite")
 
 
@@ -175,13 +180,15 @@ class FinetuneResult:
     checkpoint: Path      # the newest checkpoint written
 
 
-def finetune(config_path, data=None, base=None, output_dir=None, resume=False, max_steps=None, overrides=None):
+def finetune(config_path, data=None, base=None, output_dir=None, resume=False, max_steps=None, overrides=None,
+             export_merged=None):
     """Run the fine-tuning described by the yaml ``config_path``.
 
     ``data`` (MindRecord from ``knowlm prepare-data``), ``base`` (model directory or checkpoint) and
     ``output_dir`` override the yaml's ``train_dataset.data_loader.dataset_dir``,
     ``model.model_config.checkpoint_name_or_path`` and ``output_dir``; ``overrides`` maps other dotted yaml keys
-    to values.
+    to values. ``export_merged``: a folder to write the trained model to as a plain knowlm model directory
+    (LoRA merged into the base).
     """
     from mindformers import Trainer  # pylint: disable=import-outside-toplevel
     from mindformers.core.context import build_context  # pylint: disable=import-outside-toplevel
@@ -201,6 +208,9 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
     if resume and start is None:
         raise KnowLMError(f"{checkpoints}: no checkpoint to resume from")
     knowlm_cfg = config.get("knowlm", {}) or {}
+    # Read before training: the Trainer clears checkpoint_name_or_path, and LoRA wrapping consumes pet_config.
+    base_dir = config.model.model_config.checkpoint_name_or_path
+    pet_config = copy.deepcopy(config.model.model_config.get("pet_config"))
     batch_size = config.runner_config.batch_size
     data_parallel = config.parallel_config.data_parallel if config.get("use_parallel") else 1
     steps_per_epoch = _dataset_size(dataset_path) // (batch_size * data_parallel)
@@ -221,11 +231,41 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
     ms.set_seed(config.seed or 0)      # the Trainer seeds too, but after the network (and LoRA's init) exists
     network = build_network(config.model)
     trainer = Trainer(args=config, task="text_generation", model=network, callbacks=[progress, saver])
-    if start is not None:
-        trainer.finetune(finetune_checkpoint=str(checkpoints), resume_training=start.name)
-    else:
-        trainer.finetune()
-    return FinetuneResult(progress.losses, trainer.trainer.network, latest_checkpoint(saver.directory))
+    # MindFormers pprints its whole resolved config to stdout before training; knowlm logs it at DEBUG instead.
+    with mock.patch("mindformers.trainer.base_trainer.pprint", lambda value: log.debug("%s", value)):
+        if start is not None:
+            trainer.finetune(finetune_checkpoint=str(checkpoints), resume_training=start.name)
+        else:
+            trainer.finetune()
+    result = FinetuneResult(progress.losses, trainer.trainer.network, latest_checkpoint(saver.directory))
+    if export_merged:
+        export(result, base_dir, pet_config, export_merged)
+    return result
+
+
+def export(result, base, pet, output_dir):
+    """Write the trained model as a plain model directory: LoRA merged into ``base``, or the full weights."""
+    from knowlm.convert_lora import merge_lora  # pylint: disable=import-outside-toplevel
+    from knowlm.model import KnowLMForCausalLM  # pylint: disable=import-outside-toplevel
+    from knowlm.pretrained import TOKENIZER_NAME, save_pretrained  # pylint: disable=import-outside-toplevel
+    base = Path(base or "")
+    if not (base / TOKENIZER_NAME).is_file():
+        raise KnowLMError(f"--export-merged needs --base to be a knowlm model directory (with its tokenizer), "
+                          f"got {str(base)!r}")
+    if pet:
+        merge_lora(base, result.checkpoint, output_dir, lora_config=_write_lora_config(pet, result.checkpoint))
+        return
+    network = result.network
+    while not isinstance(network, KnowLMForCausalLM):
+        network = network.network
+    save_pretrained(network, output_dir, base / TOKENIZER_NAME)
+
+
+def _write_lora_config(pet, checkpoint):
+    """The run's effective pet_config (after --set) beside its checkpoints, for merge-lora."""
+    path = Path(checkpoint).parent / "lora_config.json"
+    path.write_text(json.dumps({"pet_config": dict(pet)}, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
 
 
 def _rank():

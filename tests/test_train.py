@@ -94,3 +94,17 @@ def test_msrun_data_parallel_on_cpu_ends_with_identical_weights_on_both_ranks(mo
         np.testing.assert_array_equal(ranks[0][name], ranks[1][name], err_msg=name)
     assert sorted(p.name for p in (tmp_path / "launch" / "log").glob("worker_*.log")) == ["worker_0.log",
                                                                                           "worker_1.log"]
+
+
+def test_export_merged_writes_base_plus_scaled_lora_delta(model_dir, train_data, tmp_path):
+    from knowlm import KnowLMForCausalLM
+    result = finetune(TINY_LORA, data=train_data, base=model_dir, output_dir=tmp_path / "run", max_steps=4,
+                      overrides={"lr_schedule.learning_rate": 5.0e-3}, export_merged=tmp_path / "merged")
+    merged = {p.name: p.asnumpy() for p in KnowLMForCausalLM.from_pretrained(tmp_path / "merged").get_parameters()}
+    base = ms.load_checkpoint(str(model_dir / "mindspore_model.ckpt"))
+    lora = lora_state(result.checkpoint)
+    for weight in ("model.layers.0.attention.wq.weight", "model.layers.1.feed_forward.w2.weight"):
+        stem = weight[:-len("weight")]
+        delta = (32 / 16) * lora[stem + "mindpet_delta_lora_b"] @ lora[stem + "mindpet_delta_lora_a"]
+        assert np.abs(delta).max() > 0
+        np.testing.assert_allclose(merged[weight], base[weight].asnumpy() + delta, atol=1e-6)

@@ -1,0 +1,37 @@
+"""The quickstart's training data: invented names stated by the shipped graph's own sentence templates."""
+import json
+import random
+
+from knowlm.ie.kg import GRAPH, TEST
+from knowlm.ie.kg2instruct import kg2instruct, read_records
+from knowlm.ie.parse import parse
+from knowlm.quickstart import TEMPLATE, invented_records
+
+GRAPH_DATA = json.loads(GRAPH.read_text(encoding="utf-8"))
+
+
+def test_invented_records_state_their_triple_in_both_languages():
+    records = invented_records(GRAPH_DATA, 200, random.Random(0))
+    relation_names = {lang: {r[lang] for r in GRAPH_DATA["relations"].values()} for lang in ("zh", "en")}
+    assert {r["lang"] for r in records} == {"zh", "en"} and len(records) >= 190
+    for record in records:
+        (triple,) = record["relation"]
+        assert triple["head"] in record["text"] and triple["tail"] in record["text"]
+        assert triple["relation"] in relation_names[record["lang"]]
+
+
+def test_invented_names_never_collide_with_held_out_entities():
+    held_out = {t[key] for record in read_records(TEST) for t in record["relation"] for key in ("head", "tail")}
+    names = {t[key] for record in invented_records(GRAPH_DATA, 2000, random.Random(1))
+             for t in record["relation"] for key in ("head", "tail")}
+    assert not names & held_out
+
+
+def test_quickstart_samples_answer_their_own_triples():
+    records = invented_records(GRAPH_DATA, 40, random.Random(2))
+    for sample in kg2instruct(records, template=TEMPLATE, split_num=8, neg_ratio=0.5, seed=0):
+        record = next(r for r in records if r["id"] == sample["id"])
+        parsed = parse("re", sample["output"], "tuple", sample["schema"])
+        expected = {(t["head"], t["relation"], t["tail"]) for t in record["relation"]
+                    if t["relation"] in sample["schema"]}
+        assert set(parsed.records) == expected and not parsed.errors
