@@ -4,11 +4,19 @@ Importing this package registers ``KnowLMConfig``, ``KnowLMForCausalLM`` and ``K
 MindFormers (yaml ``type:`` names, ``AutoConfig``/``AutoModel``) and the pipeline names ``knowlm_13b_base``,
 ``knowlm_13b_zhixi``, ``knowlm_13b_ie`` and ``knowlm_tiny``.
 """
-from knowlm.config import PRESETS, KnowLMConfig
-from knowlm.errors import KnowLMError
-from knowlm.model import KnowLMForCausalLM
-from knowlm.registry import register_pipelines
-from knowlm.tokenizer import KnowLMTokenizer
+import contextlib
+import sys
+
+# MindFormers creates its log handler on first use, which its import already triggers, writing to stdout.
+# knowlm's commands print their results on stdout, so MindFormers' log is sent to stderr instead.
+with contextlib.redirect_stdout(sys.stderr):
+    import mindformers  # noqa: F401  pylint: disable=unused-import
+
+from knowlm.config import PRESETS, KnowLMConfig  # noqa: E402
+from knowlm.errors import KnowLMError  # noqa: E402
+from knowlm.model import KnowLMForCausalLM  # noqa: E402
+from knowlm.registry import register_pipelines  # noqa: E402
+from knowlm.tokenizer import KnowLMTokenizer  # noqa: E402
 
 register_pipelines()
 
