@@ -9,7 +9,7 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
 2. KV cache (``use_past=True``): ``ApplyRotaryPosEmb``, ``ReshapeAndCache`` and ``PagedAttention`` are replaced
    by ``RotaryEmbeddingBSH``, ``KVCacheWrite`` and ``PagedAttentionReference`` below, written in plain
    MindSpore ops on a preallocated cache so that they compile in GRAPH mode;
-3. decoding: greedy uses ``ops.argmax`` instead of ``mint.argmax`` and the sampling processors run in numpy
+3. decoding: greedy takes the argmax on the host instead of ``mint.argmax`` and the sampling processors run in numpy
    (``mint.topk``/``sort``/``cumsum`` have no CPU kernels); the final draw is numpy, so ``seed`` reproduces;
 4. execution: GRAPH mode, because MindSpore's default asynchronous PYNATIVE dispatch is 10-40x slower on CPU.
 """
@@ -163,7 +163,8 @@ def _use_portable_kv_cache(network: LlamaForCausalLM):
 
 
 def _argmax(logits, axis):
-    return ops.argmax(logits, axis)
+    # On the host: an eager ops.argmax launch costs ~2.5 ms per generated token on CPU, the copy far less.
+    return ms.Tensor(np.argmax(logits.asnumpy(), axis).astype(np.int32))
 
 
 def is_kv_cache_parameter(name: str) -> bool:
@@ -237,8 +238,11 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             raise KnowLMError(f"prompt is {max(lengths)} tokens; the model's seq_length is "
                               f"{self.config.seq_length}, so at most {self.config.seq_length - 1} prompt tokens "
                               "leave room to generate: shorten the prompt or raise seq_length")
-        # MindSpore's predict fast path reuses the graph compiled for phase "prefill"/"increment" whatever the
-        # input shape; naming the phase by batch size gives each batch size its own graphs.
-        self._set_network_phase(f"batch{len(lengths)}")
+        # MindSpore's predict fast path reruns the graph last compiled for phase "prefill"/"increment" whatever the
+        # input shape: after a change of batch size it must look the graphs up again (they stay cached by shape).
+        if getattr(self, "_batch_size", None) != len(lengths):
+            self._batch_size = len(lengths)
+            for phase in ("prefill", "increment"):
+                self.phase_cache.pop(phase, None)
         return super().generate(input_ids, generation_config=generation_config, logits_processor=logits_processor,
                                 streamer=streamer, seed=seed, **kwargs)
