@@ -63,21 +63,15 @@ def read_records(path, skip_bad=False, report=None):
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         try:
-            items = [(None, item) for item in json.loads(text)]
+            items = [(f"{path} (record {number})", number, item, None)
+                     for number, item in enumerate(json.loads(text), 1)]
         except json.JSONDecodeError as err:
             raise KnowLMError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
     else:
-        items = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
-    for number, item in items:
-        where = f"{path}:{number}" if number else f"{path} (record {items.index((number, item)) + 1})"
-        problem = None
-        if isinstance(item, str):
-            try:
-                item = json.loads(item)
-            except json.JSONDecodeError as err:
-                problem = f"invalid JSON ({err.msg})"
-        if problem is None:
-            problem = _record_problem(item)
+        items = [(f"{path}:{number}", number, *_parse_line(line))
+                 for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for where, number, item, problem in items:
+        problem = problem or _record_problem(item)
         if problem is None:
             yield number, item
         elif skip_bad and report is not None:
@@ -85,6 +79,14 @@ def read_records(path, skip_bad=False, report=None):
             report.problems.append(f"{where}: {problem}")
         else:
             raise KnowLMError(f"{where}: {problem}" + ("" if skip_bad else "; pass --skip-bad to skip such records"))
+
+
+def _parse_line(line):
+    """``(record, None)`` for a JSONL line, or ``(None, problem)``."""
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as err:
+        return None, f"invalid JSON ({err.msg})"
 
 
 def _record_problem(record):

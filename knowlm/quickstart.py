@@ -108,7 +108,6 @@ def quickstart(workdir=None, steps=600, invented=1200, batch_size=8, seed=0, kee
     from knowlm.ie.files import write_jsonl  # pylint: disable=import-outside-toplevel
     from knowlm.ie.kg import GRAPH, SCHEMA, TEST, TRAIN_RECORDS  # pylint: disable=import-outside-toplevel
     from knowlm.ie.kg2instruct import kg2instruct, read_records  # pylint: disable=import-outside-toplevel
-    from knowlm.model import KnowLMForCausalLM  # pylint: disable=import-outside-toplevel
     from knowlm.pretrained import save_pretrained  # pylint: disable=import-outside-toplevel
     from knowlm.tokenizer import BUILTIN_CORPUS, KnowLMTokenizer, train_tokenizer  # pylint: disable=import-outside-toplevel
     from knowlm.train import finetune  # pylint: disable=import-outside-toplevel
@@ -163,10 +162,7 @@ def quickstart(workdir=None, steps=600, invented=1200, batch_size=8, seed=0, kee
                           "model.model_config.seq_length": SEQ_LENGTH, "lr_schedule.learning_rate": 5.0e-3,
                           "lr_schedule.warmup_ratio": 0.05, "knowlm.save_every": steps, "knowlm.log_every": 100,
                           **_model_overrides(base)})
-    network = result.network
-    while not isinstance(network, KnowLMForCausalLM):
-        network = network.network
-    trained = save_pretrained(network, workdir / "trained", tokenizer_file)
+    trained = save_pretrained(result.model, workdir / "trained", tokenizer_file)
 
     _stage(6, "extract + evaluate the held-out split after training")
     after, predictions = score(trained, "after")

@@ -25,6 +25,7 @@ from mindformers.wrapper.wrapper import MFTrainOneStepCell
 from tqdm import tqdm
 
 from knowlm.errors import KnowLMError
+from knowlm.pretrained import TOKENIZER_NAME
 
 log = logging.getLogger("knowlm")
 _all_finite = ops.MultitypeFuncGraph("all_finite")
@@ -176,8 +177,17 @@ def training_config(config_path, data=None, base=None, output_dir=None, override
 @dataclass
 class FinetuneResult:
     losses: list          # loss of every step run by this call
-    network: object       # the trained network (LoRA-wrapped for pet_config runs)
+    network: object       # the trained network as the Trainer holds it (wrapped; LoRA-wrapped for pet_config)
     checkpoint: Path      # the newest checkpoint written
+
+    @property
+    def model(self):
+        """The ``KnowLMForCausalLM`` inside ``network``."""
+        from knowlm.model import KnowLMForCausalLM  # pylint: disable=import-outside-toplevel
+        network = self.network
+        while not isinstance(network, KnowLMForCausalLM):
+            network = network.network
+        return network
 
 
 def finetune(config_path, data=None, base=None, output_dir=None, resume=False, max_steps=None, overrides=None,
@@ -211,6 +221,9 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
     # Read before training: the Trainer clears checkpoint_name_or_path, and LoRA wrapping consumes pet_config.
     base_dir = config.model.model_config.checkpoint_name_or_path
     pet_config = copy.deepcopy(config.model.model_config.get("pet_config"))
+    if export_merged and not (Path(base_dir or "") / TOKENIZER_NAME).is_file():
+        raise KnowLMError(f"--export-merged needs --base to be a knowlm model directory (with its tokenizer), "
+                          f"got {base_dir!r}")
     batch_size = config.runner_config.batch_size
     data_parallel = config.parallel_config.data_parallel if config.get("use_parallel") else 1
     steps_per_epoch = _dataset_size(dataset_path) // (batch_size * data_parallel)
@@ -221,7 +234,8 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
     done = checkpoint_step(start) if start else 0
     progress = TrainingProgress(total, batch_size, config.model.model_config.seq_length,
                                 log_every=knowlm_cfg.get("log_every", 1), initial_step=done)
-    saver = LoRACheckpoint(checkpoints / f"rank_{_rank()}", every=knowlm_cfg.get("save_every", 50), keep=knowlm_cfg.get("keep", 3), initial_step=done)
+    saver = LoRACheckpoint(checkpoints / f"rank_{_rank()}", every=knowlm_cfg.get("save_every", 50),
+                           keep=knowlm_cfg.get("keep", 3), initial_step=done)
     config.callbacks = []
     # As MindFormers' run_mindformer.py does: device, mode and, with use_parallel, communication and the
     # parallel context, which the Trainer itself does not set up.
@@ -246,19 +260,11 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
 def export(result, base, pet, output_dir):
     """Write the trained model as a plain model directory: LoRA merged into ``base``, or the full weights."""
     from knowlm.convert_lora import merge_lora  # pylint: disable=import-outside-toplevel
-    from knowlm.model import KnowLMForCausalLM  # pylint: disable=import-outside-toplevel
-    from knowlm.pretrained import TOKENIZER_NAME, save_pretrained  # pylint: disable=import-outside-toplevel
-    base = Path(base or "")
-    if not (base / TOKENIZER_NAME).is_file():
-        raise KnowLMError(f"--export-merged needs --base to be a knowlm model directory (with its tokenizer), "
-                          f"got {str(base)!r}")
+    from knowlm.pretrained import save_pretrained  # pylint: disable=import-outside-toplevel
     if pet:
         merge_lora(base, result.checkpoint, output_dir, lora_config=_write_lora_config(pet, result.checkpoint))
-        return
-    network = result.network
-    while not isinstance(network, KnowLMForCausalLM):
-        network = network.network
-    save_pretrained(network, output_dir, base / TOKENIZER_NAME)
+    else:
+        save_pretrained(result.model, output_dir, Path(base) / TOKENIZER_NAME)
 
 
 def _write_lora_config(pet, checkpoint):

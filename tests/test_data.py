@@ -91,3 +91,11 @@ def test_skip_bad_skips_and_counts(tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", [RECORD, "not json", {"output": "x"}, RECORD])
     assert len(list(read_records(source, skip_bad=True, report=report))) == 2
     assert report.skipped == 2 and report.problems[0].startswith(f"{source}:2: invalid JSON")
+
+
+def test_json_array_input_names_the_bad_record_by_number(tmp_path):
+    source = tmp_path / "d.json"
+    source.write_text(json.dumps([RECORD, "just a string", RECORD], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(KnowLMError, match=r"d.json \(record 2\): expected a JSON object, got str"):
+        list(read_records(source))
+    assert len(list(read_records(source, skip_bad=True, report=PrepareReport()))) == 2
