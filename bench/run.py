@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,7 +61,7 @@ TRAIN_BATCH, TRAIN_SEQ = 2, 256
 LORA_RANK, LORA_ALPHA, LEARNING_RATE, WEIGHT_DECAY = 8, 16, 1e-4, 0.01
 MEASURES = ("prefill", "decode", "train")
 VERSIONS = ("mindspore", "mindformers", "torch", "transformers", "peft", "numpy")
-BUSY_LOAD = 0.5             # load average above which the results are flagged as disturbed
+BUSY = 0.1                  # CPU cores used by other processes above which a measure is flagged as disturbed
 
 
 @dataclass
@@ -105,6 +106,33 @@ def token_ids(shape, vocab, seed):
     """Deterministic token ids, clear of pad/bos/eos (0, 1, 2): the same on both sides."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     return np.random.default_rng(seed).integers(3, vocab, shape)
+
+
+class OtherLoad:
+    """CPU cores that processes outside this run kept busy, on average, from creation to ``cores()``: the
+    machine's busy time (/proc/stat, Linux) less this process's and its finished children's (getrusage)."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        stat = Path("/proc/stat")
+        if not stat.is_file():
+            return None
+        # user nice system idle iowait irq softirq steal, in clock ticks
+        ticks = [int(t) for t in stat.read_text().split("\n", 1)[0].split()[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        own = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for field in ("ru_utime", "ru_stime"))
+        return time.perf_counter(), busy, own
+
+    def cores(self):
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        (t0, busy0, own0), (t1, busy1, own1) = self.start, end
+        return max(0.0, (busy1 - busy0 - (own1 - own0)) / (t1 - t0))
 
 
 def timed(call):
@@ -311,14 +339,17 @@ def run_child(side, tasks, config_name, plan, workdir, log):
                 repeats=plan.repeats, convert_mb=plan.convert_mb[config_name])
     threads = {name: str(THREADS) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     env = {**os.environ, **threads, "GLOG_v": "3", "LOCAL_DEFAULT_PATH": str(workdir / "output")}
-    start = time.perf_counter()
+    start, others = time.perf_counter(), OtherLoad()
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], cwd=workdir, env=env,
                           capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode != 0 or not lines:
         sys.exit(f"bench: {side} {'+'.join(tasks)} ({config_name}) failed:\n{done.stderr[-4000:]}")
     log(f"{config_name}: {side} {' + '.join(tasks)} done in {time.perf_counter() - start:.0f} s")
-    return json.loads(lines[-1][len(MARK):])
+    results = json.loads(lines[-1][len(MARK):])
+    for result in results.values():
+        result["other_cores"] = others.cores()
+    return results
 
 
 def measure_conversion(workdir, repeats, log):
@@ -326,14 +357,15 @@ def measure_conversion(workdir, repeats, log):
     bench = converter_bench()
     results = {}
     for which in ("knowlm", "mindformers"):
-        runs = []
+        runs, others = [], OtherLoad()
         for i in range(repeats):
             output = workdir / f"convert-{which}-{i}"
             runs.append(bench.measure(which, convert_source(workdir), output, workdir))
             shutil.rmtree(output, ignore_errors=True)
         results[which] = {"median_s": statistics.median(r["seconds"] for r in runs),
                           "peak_rss": max(r["peak"] for r in runs),
-                          "rss_after_imports": max(r["baseline"] for r in runs), "runs": runs}
+                          "rss_after_imports": max(r["baseline"] for r in runs), "runs": runs,
+                          "other_cores": others.cores()}
         log(f"conversion: {which} done")
     return results
 
@@ -445,8 +477,27 @@ def table(results) -> str:
         *lines])
 
 
+def disturbance(results) -> str:
+    """One line: how much CPU other processes took during the run, and which measures they overlapped."""
+    sides = [(m, side) for m in MEASURES for side in ("knowlm", "torch")] + \
+        [("convert", side) for side in ("knowlm", "mindformers")]
+    taken = {"bounds": results["bounds"]["other_cores"],
+             **{f"{name} {m} {side}": measures[m][side]["other_cores"]
+                for name, measures in results["configs"].items() for m, side in sides}}
+    busy = [f"{what} ({cores:.2f})" for what, cores in taken.items() if (cores or 0) > BUSY]
+    average = results["machine"]["other_cores"]
+    if average is None:
+        return "other processes: not measured (no /proc/stat)"
+    line = f"other processes kept {average:.2f} of {os.cpu_count()} cores busy on average during the run"
+    if not busy:
+        return line + "; no measure was disturbed"
+    return (line + f"; disturbed (cores taken): {', '.join(busy)}. Timings with other load mean little: 2-thread "
+            "OpenMP work (torch) waits for a descheduled thread and runs many times slower; rerun on an idle machine")
+
+
 def chart(results, path):
     import matplotlib  # pylint: disable=import-outside-toplevel
+    import matplotlib.ticker  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     configs = results["configs"]
@@ -462,6 +513,9 @@ def chart(results, path):
                         [m[measure][key] for measure, key in ratios.values()], width, label=name)
         left.bar_label(bars, fmt="%.2f", fontsize=7)
     left.set_yscale("log")
+    left.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    left.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    left.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.axhline(1.0, color="black", linewidth=0.8)
     left.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(ratios))], list(ratios), rotation=20)
     left.set_ylabel("peer / knowlm  (> 1: knowlm faster)")
@@ -479,7 +533,7 @@ def chart(results, path):
         right.bar([j + k * 0.4 for j in range(len(labels))], values, 0.4, label=side)
     right.set_xticks([j + 0.2 for j in range(len(labels))], labels, fontsize=8)
     right.set_ylabel("% of hardware bound")
-    right.set_title("fraction of the bound: peak matmul FLOP/s (decode: memory bandwidth)")
+    right.set_title("% of peak matmul FLOP/s (decode step: of memory bandwidth)")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -504,13 +558,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="knowlm-bench-")).resolve()
-    started = time.perf_counter()
+    started, others = time.perf_counter(), OtherLoad()
 
     def log(message):
         print(f"[{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
 
     results = {"mode": "tiny" if args.tiny else "quick" if args.quick else "full",
-               "machine": {"cpus": os.cpu_count(), "threads_per_side": THREADS, "loadavg_before": os.getloadavg(),
+               "machine": {"cpus": os.cpu_count(), "threads_per_side": THREADS,
                            "versions": {name: version(name) for name in VERSIONS}},
                "repeats": plan.repeats, "configs": {}}
     try:
@@ -524,15 +578,11 @@ def main(argv=None):
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     results["bounds"] = bounds
-    results["machine"].update(loadavg_after=os.getloadavg(), seconds=time.perf_counter() - started)
+    results["machine"].update(other_cores=others.cores(), seconds=time.perf_counter() - started)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     chart(results, out / "results.png")
     print(table(results))
-    load = results["machine"]["loadavg_before"][0]
-    if load > BUSY_LOAD:
-        print(f"warning: the load average was {load:.1f} when the run started: other processes were using the CPU. "
-              f"With {os.cpu_count()} cores, 2-thread OpenMP work (torch) then waits for a descheduled thread and "
-              "runs many times slower; rerun on an idle machine")
+    print(disturbance(results))
     print(f"wrote {out / 'results.json'} and {out / 'results.png'} in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -236,6 +236,8 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
                                 log_every=knowlm_cfg.get("log_every", 1), initial_step=done)
     saver = LoRACheckpoint(checkpoints / f"rank_{_rank()}", every=knowlm_cfg.get("save_every", 50),
                            keep=knowlm_cfg.get("keep", 3), initial_step=done)
+    if pet_config:
+        _write_lora_config(pet_config, saver.directory)
     config.callbacks = []
     # As MindFormers' run_mindformer.py does: device, mode and, with use_parallel, communication and the
     # parallel context, which the Trainer itself does not set up.
@@ -262,16 +264,17 @@ def export(result, base, pet, output_dir):
     from knowlm.convert_lora import merge_lora  # pylint: disable=import-outside-toplevel
     from knowlm.pretrained import save_pretrained  # pylint: disable=import-outside-toplevel
     if pet:
-        merge_lora(base, result.checkpoint, output_dir, lora_config=_write_lora_config(pet, result.checkpoint))
+        merge_lora(base, result.checkpoint, output_dir)
     else:
         save_pretrained(result.model, output_dir, Path(base) / TOKENIZER_NAME)
 
 
-def _write_lora_config(pet, checkpoint):
-    """The run's effective pet_config (after --set) beside its checkpoints, for merge-lora."""
-    path = Path(checkpoint).parent / "lora_config.json"
-    path.write_text(json.dumps({"pet_config": dict(pet)}, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
+def _write_lora_config(pet, directory):
+    """The run's effective pet_config (after --set) beside its checkpoints: what merge-lora reads by default."""
+    from knowlm.convert_lora import ADAPTER_CONFIG  # pylint: disable=import-outside-toplevel
+    from knowlm.pretrained import write_json  # pylint: disable=import-outside-toplevel
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    write_json(Path(directory) / ADAPTER_CONFIG, {"pet_config": dict(pet)})
 
 
 def _rank():

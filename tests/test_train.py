@@ -48,6 +48,7 @@ def test_lora_lowers_loss_and_changes_only_lora_parameters(model_dir, train_data
         if param.name in base:
             np.testing.assert_array_equal(param.asnumpy(), base[param.name].asnumpy(), err_msg=param.name)
     saved = lora_state(result.checkpoint)
+    assert json.loads((result.checkpoint.parent / "adapter_config.json").read_text())["pet_config"]["lora_rank"] == 16
     assert not [name for name in saved if name in base]                       # the base is never re-saved
     assert any(np.abs(v).max() > 0 for k, v in saved.items() if k.endswith("lora_b"))  # B starts at zero
 
