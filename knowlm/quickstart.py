@@ -28,9 +28,9 @@ from knowlm.errors import KnowLMError
 
 # Small enough to train in about two minutes on 2 CPU cores, large enough to learn to copy entity names.
 MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-             intermediate_size=352, max_position_embeddings=192, rms_norm_eps=1e-6, rope_theta=10000.0)
+             intermediate_size=352, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0)
 VOCAB_SIZE = 3000
-SEQ_LENGTH = 192
+SEQ_LENGTH = 256
 TEMPLATE = 1            # the shortest KnowLM-IE template in both languages
 FULL_FINETUNE = CONFIG_DIR / "tiny" / "finetune_full.yaml"
 
