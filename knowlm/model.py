@@ -249,17 +249,16 @@ class KnowLMForCausalLM(LlamaForCausalLM):
 
     def generate(self, input_ids, generation_config=None, logits_processor=None, streamer=None, seed=None,
                  **kwargs):
-        lengths = [len(ids) for ids in input_ids] if input_ids and isinstance(input_ids[0], (list, tuple,
-                                                                                             np.ndarray)) \
-            else [len(input_ids)]
-        if max(lengths) >= self.config.seq_length:
-            raise KnowLMError(f"prompt is {max(lengths)} tokens; the model's seq_length is "
+        shape = np.shape(input_ids)              # (length,) or (batch, padded length)
+        batch, width = (1, shape[0]) if len(shape) == 1 else shape[:2]
+        if width >= self.config.seq_length:
+            raise KnowLMError(f"prompt is {width} tokens; the model's seq_length is "
                               f"{self.config.seq_length}, so at most {self.config.seq_length - 1} prompt tokens "
                               "leave room to generate: shorten the prompt or raise seq_length")
         # MindSpore's predict fast path reruns the graph last compiled for phase "prefill"/"increment" whatever the
         # input shape: after a change of batch size it must look the graphs up again (they stay cached by shape).
-        if getattr(self, "_batch_size", None) != len(lengths):
-            self._batch_size = len(lengths)
+        if getattr(self, "_batch_size", None) != batch:
+            self._batch_size = batch
             for phase in ("prefill", "increment"):
                 self.phase_cache.pop(phase, None)
         return super().generate(input_ids, generation_config=generation_config, logits_processor=logits_processor,
