@@ -1,13 +1,11 @@
 """The ``knowlm`` command: one verb per job, each a thin layer over a library function."""
 import argparse
 import logging
-import os
 import sys
 
 
 def _quiet_frameworks():
-    # MindSpore reads GLOG_v when it is imported; MindFormers logs INFO to stdout. Users see only knowlm's output.
-    os.environ.setdefault("GLOG_v", "3")
+    # MindFormers logs every INFO line of model building and training; the commands keep its warnings only.
     from mindformers.tools.logger import get_logger  # pylint: disable=import-outside-toplevel
     get_logger().setLevel(logging.WARNING)
 
@@ -84,13 +82,13 @@ def cmd_extract(args):
 
 
 def cmd_evaluate(args):
-    import json  # pylint: disable=import-outside-toplevel
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
     from knowlm.ie.evaluate import evaluate, format_table  # pylint: disable=import-outside-toplevel
+    from knowlm.pretrained import write_json  # pylint: disable=import-outside-toplevel
     scores = evaluate(args.pred, args.gold, task=args.task, by=args.by, match_mode=args.match_mode, fmt=args.format)
     print(format_table(scores))
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as out:
-            out.write(json.dumps(scores, ensure_ascii=False, indent=2) + "\n")
+        write_json(Path(args.output), scores)
 
 
 def cmd_kg2instruct(args):
