@@ -159,7 +159,7 @@ def build_parser():
     start = verbs.add_parser("quickstart", help="the whole workflow on a built-in default: convert, finetune, "
                                                 "extract and score, on CPU in minutes")
     start.add_argument("--workdir", help="keep every intermediate file here (an empty or new folder)")
-    start.add_argument("--steps", type=int, default=600, help="fine-tuning steps (default 600)")
+    start.add_argument("--steps", type=int, default=1500, help="fine-tuning steps (default 1500)")
     start.add_argument("--seed", type=int, default=0)
     start.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     start.set_defaults(run=cmd_quickstart)

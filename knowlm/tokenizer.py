@@ -7,6 +7,7 @@ that is not a real piece.
 """
 import io
 import os
+import re
 from pathlib import Path
 
 import sentencepiece as spm
@@ -18,6 +19,10 @@ from knowlm.registry import checkpoint_for
 
 BUILTIN_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
 BUILTIN_CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
+# Where train_tokenizer(fixed_texts=...) forbids merges: between two CJK characters and after a space (so no
+# piece starts with "▁" plus a letter: "Irene" is the same tokens after a space and after "(").
+_NO_MERGE = re.compile(r"(?<=[\u3400-\u9fff])(?=[\u3400-\u9fff])|(?<= )")
+_DELIMITER = "\u2063"   # INVISIBLE SEPARATOR: never in the training text itself
 
 
 @MindFormerRegister.register(MindFormerModuleType.TOKENIZER)
@@ -57,18 +62,25 @@ def _resolve_vocab_file(vocab_file):
     return path
 
 
-def train_tokenizer(texts, output_path, vocab_size):
+def train_tokenizer(texts, output_path, vocab_size, fixed_texts=None):
     """Train a LLaMA-style SentencePiece BPE model (unk 0, bos 1, eos 2, byte fallback) on ``texts``.
 
     Used to make small tokenizers for tests and the built-in tiny model; writes ``output_path`` atomically.
+    With ``fixed_texts`` (prompt templates, merged freely), pieces learned from ``texts`` never span two Chinese
+    characters or follow a space: a name is then the same tokens inside a sentence and inside an answer, which is
+    what a small model trained from scratch needs to learn to copy it (a piece like ``是南`` or ``▁Nan`` hides it).
     """
+    options = {}
+    if fixed_texts is not None:
+        texts = [_NO_MERGE.sub(_DELIMITER, text) for text in texts] + list(fixed_texts)
+        options["pretokenization_delimiter"] = _DELIMITER
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
         character_coverage=1.0, byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         hard_vocab_limit=True, num_threads=1, minloglevel=2,
         # LLaMA keeps text as written: NFKC would turn Chinese punctuation into ASCII and break round trips.
-        normalization_rule_name="identity", remove_extra_whitespaces=False)
+        normalization_rule_name="identity", remove_extra_whitespaces=False, **options)
     output_path = Path(output_path)
     tmp = output_path.with_name(output_path.name + ".tmp")
     tmp.write_bytes(model.getvalue())

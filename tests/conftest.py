@@ -3,11 +3,14 @@
 MindFormers writes logs under $LOCAL_DEFAULT_PATH (default ./output) from the moment it is imported, so that is
 pointed at a temporary folder before anything imports it.
 """
+import atexit
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault("LOCAL_DEFAULT_PATH", tempfile.mkdtemp(prefix="knowlm-test-output-"))
+if "LOCAL_DEFAULT_PATH" not in os.environ:
+    os.environ["LOCAL_DEFAULT_PATH"] = tempfile.mkdtemp(prefix="knowlm-test-output-")
+    atexit.register(shutil.rmtree, os.environ["LOCAL_DEFAULT_PATH"], ignore_errors=True)
 os.environ.setdefault("GLOG_v", "3")
 
 import mindspore as ms  # noqa: E402

@@ -53,3 +53,43 @@ def test_file_that_is_not_sentencepiece_is_refused(tmp_path):
     bad.write_text("not a model")
     with pytest.raises(KnowLMError, match="not a SentencePiece model"):
         KnowLMTokenizer(vocab_file=str(bad))
+
+
+
+
+def _name_pieces(tokenizer, text, name):
+    """The run of pieces that spells exactly ``name`` inside ``text``, or None when pieces straddle its edges."""
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(text, add_special_tokens=False))
+    for start in range(len(pieces)):
+        for end in range(start + 1, len(pieces) + 1):
+            if "".join(pieces[start:end]).replace("\u2581", " ") == name:
+                return pieces[start:end]
+    return None
+
+
+def test_fixed_texts_keep_each_name_the_same_pieces_in_its_sentence_and_its_answer(tmp_path):
+    cases = [("云州是青岚国的首都。", "(青岚国,首都,云州)", ("青岚国", "云州")),
+             ("火泽是赤原国的首都。", "(赤原国,首都,火泽)", ("赤原国", "火泽")),
+             ("Nanxi Normal University lies in Shiqiao.", "(Nanxi Normal University, located in, Shiqiao)",
+              ("Nanxi Normal University", "Shiqiao")),
+             ("The capital of Dandor is Orbelkel.", "(Dandor, capital, Orbelkel)", ("Dandor", "Orbelkel")),
+             ("Wutong Bay is the hometown of Irene Brook.", "(Irene Brook, place of birth, Wutong Bay)",
+              ("Irene Brook", "Wutong Bay"))]
+    texts = [text for sentence, answer, _ in cases for text in (sentence, answer)] * 30
+    template = "### Instruction:\n请根据关系列表抽取三元组。\n\n### Input:\n"
+    plain = KnowLMTokenizer(vocab_file=str(train_tokenizer(texts, tmp_path / "plain.model", 380)))
+    friendly = KnowLMTokenizer(vocab_file=str(train_tokenizer(texts, tmp_path / "friendly.model", 380,
+                                                               fixed_texts=[template] * 30)))
+
+    def same_pieces(tokenizer, sentence, answer, name):
+        # As in a prompt: the sentence follows the template's newline, the answer the response marker's.
+        in_sentence = _name_pieces(tokenizer, template + sentence, name)
+        return in_sentence is not None and in_sentence == _name_pieces(tokenizer, "Response:\n" + answer, name)
+
+    checks = [(sentence, answer, name) for sentence, answer, names in cases for name in names]
+    assert all(same_pieces(friendly, *check) for check in checks)
+    # Plain BPE learns pieces across a name's edge ("是青", "▁Orbelkel"): some names change pieces with context.
+    assert not all(same_pieces(plain, *check) for check in checks)
+    # The fixed wording itself is merged freely.
+    lengths = [len(tokenizer.encode(template, add_special_tokens=False)) for tokenizer in (friendly, plain)]
+    assert lengths[0] < lengths[1]
