@@ -11,12 +11,20 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
    MindSpore ops on a preallocated cache so that they compile in GRAPH mode;
 3. decoding: greedy takes the argmax on the host instead of ``mint.argmax`` and the sampling processors run in numpy
    (``mint.topk``/``sort``/``cumsum`` have no CPU kernels); the final draw is numpy, so ``seed`` reproduces;
-4. execution: GRAPH mode, because MindSpore's default asynchronous PYNATIVE dispatch is 10-40x slower on CPU;
+4. execution: GRAPH mode, because MindSpore's default asynchronous PYNATIVE dispatch is 10-40x slower on CPU,
+   with the generation graphs kept on disk (``compile_cache``) so that only a model's first run compiles;
 5. training loss: ``CrossEntropy`` below instead of MindFormers' one-hot cross-entropy (built for sharding
    over devices), which costs 15% of a LoRA step on CPU.
 """
+import contextlib
 import copy
+import hashlib
+import json
 import logging
+import os
+import sys
+from importlib.metadata import version
+from pathlib import Path
 
 import mindspore as ms
 import mindspore.common.dtype as mstype
@@ -50,6 +58,41 @@ def portable_config(config: KnowLMConfig) -> KnowLMConfig:
         setattr(config, key, value)
     # LlamaConfig stores dtypes converted; rebuilding through __init__ keeps its conversions in one place.
     return type(config)(**config.to_dict())
+
+
+def cache_dir() -> Path:
+    """knowlm's cache folder: ``$KNOWLM_CACHE_DIR``, else ``$XDG_CACHE_HOME/knowlm`` (``~/.cache/knowlm``)."""
+    if os.environ.get("KNOWLM_CACHE_DIR"):
+        return Path(os.environ["KNOWLM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "knowlm"
+
+
+@contextlib.contextmanager
+def compile_cache(config):
+    """Within the block, MindSpore keeps the graphs it compiles on disk, and a later process running the same model
+    loads them instead of compiling (first generate call of the benchmark's small model: 8 s cold, 1.5 s cached).
+
+    Used around generation only: training graphs carry the run's hyperparameters as constants and cannot be saved
+    (PyExecute nodes). MindSpore re-reads the switch for each graph but takes the folder once per process, and it
+    checks a cached graph against the network's parameters and its entry script's own imports, not against installed
+    packages: the folder is therefore named after the MindSpore/MindFormers versions, knowlm's source and the model
+    config, so that a change to any of them compiles afresh. A ``MS_COMPILER_CACHE_ENABLE`` set by the user
+    (``0`` turns caching off) is obeyed as it is.
+    """
+    if "MS_COMPILER_CACHE_ENABLE" in os.environ or not (sys.argv and os.path.isfile(sys.argv[0])):
+        yield       # the user decides; or `python -c`/a REPL: MindSpore's cache needs an entry script to parse
+        return
+    digest = hashlib.sha256(json.dumps([version("mindspore"), version("mindformers"), {
+        key: value for key, value in config.to_dict().items() if key != "checkpoint_name_or_path"}],
+        sort_keys=True, default=str).encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    os.environ.setdefault("MS_COMPILER_CACHE_PATH", str(cache_dir() / "graphs" / digest.hexdigest()[:20]))
+    os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+    try:
+        yield
+    finally:
+        del os.environ["MS_COMPILER_CACHE_ENABLE"]
 
 
 def use_graph_mode():
@@ -261,5 +304,6 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             self._batch_size = batch
             for phase in ("prefill", "increment"):
                 self.phase_cache.pop(phase, None)
-        return super().generate(input_ids, generation_config=generation_config, logits_processor=logits_processor,
-                                streamer=streamer, seed=seed, **kwargs)
+        with contextlib.nullcontext() if on_ascend() else compile_cache(self.config):
+            return super().generate(input_ids, generation_config=generation_config,
+                                    logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)

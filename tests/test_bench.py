@@ -29,6 +29,7 @@ def test_bench_writes_a_ratio_for_every_measure_and_a_chart(tmp_path):
     for measure in ("prefill", "decode", "train"):
         for side in ("knowlm", "torch"):
             assert {"first_call_s", "median_s"} <= tiny[measure][side].keys()
+    assert tiny["decode"]["knowlm"]["first_call_cached_s"] > 0      # a second process, graphs from the cache
     assert len(tiny["decode"]["knowlm"]["tokens"]) == 32 and isinstance(tiny["decode"]["tokens_equal"], bool)
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG")
     assert "peer/knowlm" in done.stdout and "LoRA step 2x256" in done.stdout
