@@ -5,7 +5,13 @@ MindFormers (yaml ``type:`` names, ``AutoConfig``/``AutoModel``) and the pipelin
 ``knowlm_13b_zhixi``, ``knowlm_13b_ie`` and ``knowlm_tiny``.
 """
 import contextlib
+import os
 import sys
+
+# MindSpore reads its C++ log level once, when it loads. The `knowlm` command shows its errors only: otherwise
+# every run prints MindSpore's compile-cache notices (knowlm.model.compile_cache). Importers keep their setting.
+if os.path.basename(sys.argv[0]) == "knowlm" and "mindspore" not in sys.modules:
+    os.environ.setdefault("GLOG_v", "3")
 
 # MindFormers creates its log handler on first use, which its import already triggers, writing to stdout.
 # knowlm's commands print their results on stdout, so MindFormers' log is sent to stderr instead.

@@ -87,12 +87,15 @@ def compile_cache(config):
         sort_keys=True, default=str).encode())
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
-    os.environ.setdefault("MS_COMPILER_CACHE_PATH", str(cache_dir() / "graphs" / digest.hexdigest()[:20]))
-    os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+    ours = {"MS_COMPILER_CACHE_ENABLE": "1"}
+    if "MS_COMPILER_CACHE_PATH" not in os.environ:
+        ours["MS_COMPILER_CACHE_PATH"] = str(cache_dir() / "graphs" / digest.hexdigest()[:20])
+    os.environ.update(ours)
     try:
         yield
-    finally:
-        del os.environ["MS_COMPILER_CACHE_ENABLE"]
+    finally:        # nothing leaks into later training graphs or child processes
+        for name in ours:
+            os.environ.pop(name, None)
 
 
 def use_graph_mode():
