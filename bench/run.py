@@ -343,7 +343,7 @@ def run_child(side, tasks, config_name, plan, workdir, log):
     spec = dict(side=side, tasks=tasks, config=CONFIGS[config_name], workdir=str(workdir),
                 repeats=plan.repeats, convert_mb=plan.convert_mb[config_name])
     threads = {name: str(THREADS) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    # The run's own graph cache (knowlm.model.use_compile_cache): cold at the first call, warm at the rerun.
+    # The run's own graph cache (knowlm.model.compile_cache): cold at the first call, warm at the rerun.
     env = {**os.environ, **threads, "GLOG_v": "3", "LOCAL_DEFAULT_PATH": str(workdir / "output"),
            "KNOWLM_CACHE_DIR": str(workdir / "cache")}
     start, others = time.perf_counter(), OtherLoad()

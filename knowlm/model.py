@@ -18,6 +18,7 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
 """
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -82,13 +83,11 @@ def compile_cache(config):
     if "MS_COMPILER_CACHE_ENABLE" in os.environ or not (sys.argv and os.path.isfile(sys.argv[0])):
         yield       # the user decides; or `python -c`/a REPL: MindSpore's cache needs an entry script to parse
         return
-    digest = hashlib.sha256(json.dumps([version("mindspore"), version("mindformers"), {
-        key: value for key, value in config.to_dict().items() if key != "checkpoint_name_or_path"}],
-        sort_keys=True, default=str).encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
     ours = {"MS_COMPILER_CACHE_ENABLE": "1"}
     if "MS_COMPILER_CACHE_PATH" not in os.environ:
+        digest = hashlib.sha256(_code_digest().encode())
+        digest.update(json.dumps({key: value for key, value in config.to_dict().items()
+                                  if key != "checkpoint_name_or_path"}, sort_keys=True, default=str).encode())
         ours["MS_COMPILER_CACHE_PATH"] = str(cache_dir() / "graphs" / digest.hexdigest()[:20])
     os.environ.update(ours)
     try:
@@ -96,6 +95,15 @@ def compile_cache(config):
     finally:        # nothing leaks into later training graphs or child processes
         for name in ours:
             os.environ.pop(name, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_digest():
+    # Once per process: generate runs once per batch of `knowlm extract`.
+    digest = hashlib.sha256(json.dumps([version("mindspore"), version("mindformers")]).encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def use_graph_mode():

@@ -28,8 +28,8 @@ from pathlib import Path
 from knowlm.configs import CONFIG_DIR
 from knowlm.errors import KnowLMError
 
-# Small enough to train in about three minutes on 2 CPU cores. Tied embeddings: a copied token's output row is
-# its input row, which is how a model this small copies names it has seen only a few times.
+# 1500 steps of this model take about 5 minutes on 2 CPU cores (0.19 s/step). Tied embeddings: a copied
+# token's output row is its input row, which is how a model this small copies names it has seen only a few times.
 MODEL = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
              intermediate_size=352, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
              tie_word_embeddings=True)
@@ -174,7 +174,8 @@ def quickstart(workdir=None, steps=1500, invented=3000, batch_size=16, seed=0, k
                       max_steps=steps, overrides={
                           "runner_config.epochs": 1000, "runner_config.batch_size": batch_size,
                           "train_dataset.batch_size": batch_size, "model.model_config.batch_size": batch_size,
-                          "model.model_config.seq_length": SEQ_LENGTH, "lr_schedule.learning_rate": LEARNING_RATE, "optimizer.betas": [0.9, 0.95],
+                          "model.model_config.seq_length": SEQ_LENGTH, "lr_schedule.learning_rate": LEARNING_RATE,
+                          "optimizer.betas": [0.9, 0.95],
                           "lr_schedule.warmup_ratio": 0.05, "knowlm.save_every": steps, "knowlm.log_every": 100,
                           **_model_overrides(base)})
     trained = save_pretrained(result.model, workdir / "trained", tokenizer_file)

@@ -11,7 +11,7 @@ import tempfile
 if "LOCAL_DEFAULT_PATH" not in os.environ:
     os.environ["LOCAL_DEFAULT_PATH"] = tempfile.mkdtemp(prefix="knowlm-test-output-")
     atexit.register(shutil.rmtree, os.environ["LOCAL_DEFAULT_PATH"], ignore_errors=True)
-# Compiled graphs (knowlm.model.use_compile_cache) go with the logs, not to the user's ~/.cache.
+# Compiled graphs (knowlm.model.compile_cache) go with the logs, not to the user's ~/.cache.
 os.environ.setdefault("KNOWLM_CACHE_DIR", os.path.join(os.environ["LOCAL_DEFAULT_PATH"], "cache"))
 os.environ.setdefault("GLOG_v", "3")
 
