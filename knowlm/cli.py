@@ -149,7 +149,8 @@ def cmd_bench(args):
 
 def cmd_quickstart(args):
     from knowlm.quickstart import quickstart, report  # pylint: disable=import-outside-toplevel
-    print(report(quickstart(workdir=args.workdir, steps=args.steps, seed=args.seed, keep=args.keep)))
+    steps = {"steps": args.steps} if args.steps else {}
+    print(report(quickstart(workdir=args.workdir, seed=args.seed, keep=args.keep, **steps)))
 
 
 def build_parser():
@@ -159,7 +160,7 @@ def build_parser():
     start = verbs.add_parser("quickstart", help="the whole workflow on a built-in default: convert, finetune, "
                                                 "extract and score, on CPU in minutes")
     start.add_argument("--workdir", help="keep every intermediate file here (an empty or new folder)")
-    start.add_argument("--steps", type=int, default=1500, help="fine-tuning steps (default 1500)")
+    start.add_argument("--steps", type=int, help="fine-tuning steps (default: what fits in about 4 minutes)")
     start.add_argument("--seed", type=int, default=0)
     start.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     start.set_defaults(run=cmd_quickstart)

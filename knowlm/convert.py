@@ -323,7 +323,8 @@ def import_torch():
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-        raise KnowLMError("reading Hugging Face weights needs torch: pip install 'knowlm[torch]'") from None
+        raise KnowLMError("reading Hugging Face weights and building the quickstart model need torch: "
+                          "pip install 'knowlm[torch]'") from None
     return torch
 
 

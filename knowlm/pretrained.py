@@ -151,17 +151,18 @@ def prepare_output_dir(output_dir, force: bool, marker: str = CONFIG_NAME) -> Pa
     return output_dir
 
 
-def save_pretrained(network, output_dir, tokenizer_file, force=False):
+def save_pretrained(network, output_dir, tokenizer_file, force=False, config=None):
     """Write ``network`` (config + weights) and ``tokenizer_file`` as a knowlm model directory.
 
-    Every file is written under a temporary name and renamed when complete; an existing directory with a
-    config in it is refused unless ``force``.
+    ``config``: the config to write instead of the network's (a trained network carries its training run's
+    ``seq_length`` and ``batch_size``, which would cap generation). Every file is written under a temporary name
+    and renamed when complete; an existing directory with a config in it is refused unless ``force``.
     """
     output_dir = prepare_output_dir(output_dir, force)
     params = [{"name": p.name, "data": p} for p in network.get_parameters() if not is_kv_cache_parameter(p.name)]
     atomic_write(output_dir / WEIGHTS_NAME, lambda tmp: ms.save_checkpoint(params, str(tmp)))
     atomic_copy(tokenizer_file, output_dir / TOKENIZER_NAME)
-    values = network.config.to_dict()
+    values = (config or network.config).to_dict()
     values["checkpoint_name_or_path"] = ""
     # The config is written last: a directory with config.json is a complete one.
     write_json(output_dir / CONFIG_NAME, values)

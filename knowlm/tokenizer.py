@@ -19,7 +19,7 @@ from knowlm.registry import checkpoint_for
 
 BUILTIN_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
 BUILTIN_CORPUS = Path(__file__).parent / "assets" / "corpus.txt"
-# Where train_tokenizer(fixed_texts=...) forbids merges: between two CJK characters and after a space (so no
+# Where train_tokenizer(whole_pieces=...) forbids merges: between two CJK characters and after a space (so no
 # piece starts with "▁" plus a letter: "Irene" is the same tokens after a space and after "(").
 _NO_MERGE = re.compile(r"(?<=[\u3400-\u9fff])(?=[\u3400-\u9fff])|(?<= )")
 _DELIMITER = "\u2063"   # INVISIBLE SEPARATOR: never in the training text itself
@@ -62,18 +62,22 @@ def _resolve_vocab_file(vocab_file):
     return path
 
 
-def train_tokenizer(texts, output_path, vocab_size, fixed_texts=None):
+def train_tokenizer(texts, output_path, vocab_size, whole_pieces=None):
     """Train a LLaMA-style SentencePiece BPE model (unk 0, bos 1, eos 2, byte fallback) on ``texts``.
 
     Used to make small tokenizers for tests and the built-in tiny model; writes ``output_path`` atomically.
-    With ``fixed_texts`` (prompt templates, merged freely), pieces learned from ``texts`` never span two Chinese
-    characters or follow a space: a name is then the same tokens inside a sentence and inside an answer, which is
-    what a small model trained from scratch needs to learn to copy it (a piece like ``是南`` or ``▁Nan`` hides it).
+    With ``whole_pieces`` (the fixed wording of a prompt template, label names), each of them becomes a single
+    piece, and pieces learned from ``texts`` never span two Chinese characters or follow a space: a name is then
+    the same tokens inside a sentence and inside an answer, which is what a small model trained from scratch needs
+    to learn to copy it (a piece like ``是南`` or ``▁Nan`` hides it), and a prompt's boilerplate costs a few
+    tokens instead of a hundred.
     """
     options = {}
-    if fixed_texts is not None:
-        texts = [_NO_MERGE.sub(_DELIMITER, text) for text in texts] + list(fixed_texts)
-        options["pretokenization_delimiter"] = _DELIMITER
+    if whole_pieces is not None:
+        texts = [_NO_MERGE.sub(_DELIMITER, text) for text in texts]
+        # SentencePiece matches user-defined symbols after it has turned spaces into "▁".
+        options.update(pretokenization_delimiter=_DELIMITER,
+                       user_defined_symbols=sorted({piece.replace(" ", "\u2581") for piece in whole_pieces if piece}))
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",

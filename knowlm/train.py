@@ -231,6 +231,9 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
     if max_steps:
         total = min(total, max_steps)
         config.runner_config.epochs = -(-total // steps_per_epoch)
+        if config.get("lr_schedule") and config.lr_schedule.get("total_steps", -1) in (-1, None):
+            # MindFormers would stretch the schedule to the end of the last, partly run epoch.
+            config.lr_schedule.total_steps = total
     done = checkpoint_step(start) if start else 0
     progress = TrainingProgress(total, batch_size, config.model.model_config.seq_length,
                                 log_every=knowlm_cfg.get("log_every", 1), initial_step=done)
@@ -262,11 +265,11 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
 def export(result, base, pet, output_dir):
     """Write the trained model as a plain model directory: LoRA merged into ``base``, or the full weights."""
     from knowlm.convert_lora import merge_lora  # pylint: disable=import-outside-toplevel
-    from knowlm.pretrained import save_pretrained  # pylint: disable=import-outside-toplevel
+    from knowlm.pretrained import load_config, save_pretrained  # pylint: disable=import-outside-toplevel
     if pet:
         merge_lora(base, result.checkpoint, output_dir)
     else:
-        save_pretrained(result.model, output_dir, Path(base) / TOKENIZER_NAME)
+        save_pretrained(result.model, output_dir, Path(base) / TOKENIZER_NAME, config=load_config(base))
 
 
 def _write_lora_config(pet, directory):

@@ -35,3 +35,24 @@ def test_quickstart_samples_answer_their_own_triples():
         expected = {(t["head"], t["relation"], t["tail"]) for t in record["relation"]
                     if t["relation"] in sample["schema"]}
         assert set(parsed.records) == expected and not parsed.errors
+
+
+def test_quickstart_tokenizer_spends_one_token_per_fixed_part_of_a_prompt(tmp_path):
+    from knowlm.data import build_prompt
+    from knowlm.quickstart import prompt_pieces
+    from knowlm.tokenizer import KnowLMTokenizer, train_tokenizer
+    records = invented_records(GRAPH_DATA, 200, random.Random(3))
+    samples = kg2instruct(records, template=TEMPLATE, split_num=8, neg_ratio=0.5, seed=0)
+    texts = [text for sample in samples for text in (sample["input"], sample["output"])]
+    tokenizer = KnowLMTokenizer(vocab_file=str(train_tokenizer(texts, tmp_path / "t.model", 1200,
+                                                               whole_pieces=prompt_pieces(GRAPH_DATA))))
+    for sample in samples[:2]:        # one Chinese, one English
+        prompt = build_prompt(sample["instruction"], sample["input"])
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        schema = len(sample["schema"])
+        alone = tokenizer.convert_ids_to_tokens(tokenizer.encode(sample["input"], add_special_tokens=False))
+        in_prompt = len(alone) - (alone[0] == "\u2581")    # inside the prompt the input has no dummy prefix
+        # dummy prefix, wrapper + template head, "['", schema items and their separators, "']", template tail +
+        # input marker, the input, response marker
+        assert len(ids) == 1 + 1 + 1 + (2 * schema - 1) + 1 + 1 + in_prompt + 1
+        assert tokenizer.decode(ids) == prompt

@@ -67,7 +67,7 @@ def _name_pieces(tokenizer, text, name):
     return None
 
 
-def test_fixed_texts_keep_each_name_the_same_pieces_in_its_sentence_and_its_answer(tmp_path):
+def test_whole_pieces_keep_each_name_the_same_pieces_in_its_sentence_and_its_answer(tmp_path):
     cases = [("云州是青岚国的首都。", "(青岚国,首都,云州)", ("青岚国", "云州")),
              ("火泽是赤原国的首都。", "(赤原国,首都,火泽)", ("赤原国", "火泽")),
              ("Nanxi Normal University lies in Shiqiao.", "(Nanxi Normal University, located in, Shiqiao)",
@@ -79,7 +79,7 @@ def test_fixed_texts_keep_each_name_the_same_pieces_in_its_sentence_and_its_answ
     template = "### Instruction:\n请根据关系列表抽取三元组。\n\n### Input:\n"
     plain = KnowLMTokenizer(vocab_file=str(train_tokenizer(texts, tmp_path / "plain.model", 380)))
     friendly = KnowLMTokenizer(vocab_file=str(train_tokenizer(texts, tmp_path / "friendly.model", 380,
-                                                               fixed_texts=[template] * 30)))
+                                                               whole_pieces=[template, "located in"])))
 
     def same_pieces(tokenizer, sentence, answer, name):
         # As in a prompt: the sentence follows the template's newline, the answer the response marker's.
@@ -90,6 +90,9 @@ def test_fixed_texts_keep_each_name_the_same_pieces_in_its_sentence_and_its_answ
     assert all(same_pieces(friendly, *check) for check in checks)
     # Plain BPE learns pieces across a name's edge ("是青", "▁Orbelkel"): some names change pieces with context.
     assert not all(same_pieces(plain, *check) for check in checks)
-    # The fixed wording itself is merged freely.
-    lengths = [len(tokenizer.encode(template, add_special_tokens=False)) for tokenizer in (friendly, plain)]
-    assert lengths[0] < lengths[1]
+    # Each whole piece is one token wherever it occurs, spaces and newlines included, and decodes back unchanged.
+    prompt = template + "Shiqiao is located in Nanxi."
+    ids = friendly.encode(prompt, add_special_tokens=False)
+    pieces = friendly.convert_ids_to_tokens(ids)
+    assert template.replace(" ", "\u2581") in pieces and "located\u2581in" in pieces
+    assert friendly.decode(ids) == prompt

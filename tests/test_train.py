@@ -109,3 +109,48 @@ def test_export_merged_writes_base_plus_scaled_lora_delta(model_dir, train_data,
         delta = (32 / 16) * lora[stem + "mindpet_delta_lora_b"] @ lora[stem + "mindpet_delta_lora_a"]
         assert np.abs(delta).max() > 0
         np.testing.assert_allclose(merged[weight], base[weight].asnumpy() + delta, atol=1e-6)
+
+
+def test_full_export_keeps_the_base_config_so_generation_is_not_capped_at_the_training_length(model_dir,
+                                                                                             train_data, tmp_path):
+    from knowlm import KnowLMForCausalLM
+    from knowlm.pretrained import load_config
+    result = finetune(CONFIG_DIR / "tiny" / "finetune_full.yaml", data=train_data, base=model_dir,
+                      output_dir=tmp_path / "run", max_steps=2, export_merged=tmp_path / "full",
+                      overrides={"model.model_config.seq_length": 128})
+    assert result.model.config.seq_length == 128 and load_config(model_dir).seq_length == 256
+    assert load_config(tmp_path / "full").to_dict() == {**load_config(model_dir).to_dict(), "checkpoint_name_or_path": ""}
+    exported = {p.name: p.asnumpy() for p in KnowLMForCausalLM.from_pretrained(tmp_path / "full").get_parameters()}
+    for param in result.model.trainable_params():
+        np.testing.assert_array_equal(exported[param.name], param.asnumpy(), err_msg=param.name)
+
+
+def test_full_finetuning_follows_torch_adamw_step_for_step(model_dir, train_data, tmp_path):
+    # The reference: the same Hugging Face weights trained in torch on the same batches, in the same order, with
+    # AdamW (betas 0.9/0.95, eps 1e-8, no decay), gradient clipping at norm 1 and a constant learning rate.
+    import mindspore.dataset as ds
+    import torch
+    import transformers
+    steps, batch, lr = 8, 2, 2.0e-3
+    rows = list(ds.MindDataset(str(train_data), columns_list=["input_ids", "labels"], shuffle=False)
+                .create_tuple_iterator(output_numpy=True))
+    hf = transformers.LlamaForCausalLM.from_pretrained(model_dir.parent / "hf")
+    optimizer = torch.optim.AdamW(hf.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    expected = []
+    for step in range(steps):
+        ids, labels = (torch.tensor(np.stack(column)).long() for column in zip(*rows[step * batch:(step + 1) * batch]))
+        logits = hf(input_ids=ids[:, :-1]).logits
+        targets = torch.where(ids[:, :-1] != 0, labels[:, 1:], -100)     # pad (id 0) inputs predict nothing
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+        expected.append(loss.item())
+    result = finetune(CONFIG_DIR / "tiny" / "finetune_full.yaml", data=train_data, base=model_dir,
+                      output_dir=tmp_path, max_steps=steps, overrides={
+                          "lr_schedule.learning_rate": lr, "lr_schedule.total_steps": 10 ** 9,
+                          "lr_schedule.warmup_ratio": 0.0, "optimizer.betas": [0.9, 0.95],
+                          "train_dataset.data_loader.shuffle": False, "model.model_config.seq_length": 128})
+    np.testing.assert_allclose(result.losses, expected, rtol=1e-4)
+    assert expected[-1] < expected[0] - 1.0
