@@ -20,6 +20,7 @@ from unittest import mock
 import mindspore as ms
 from mindspore import ops
 from mindspore.train import Callback
+from mindformers.tools.logger import get_logger
 from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
 from mindformers.wrapper.wrapper import MFTrainOneStepCell
 from tqdm import tqdm
@@ -249,7 +250,15 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
     # through knowlm's checked loader (model directories included). build_network adds LoRA from pet_config.
     ms.set_seed(config.seed or 0)      # the Trainer seeds too, but after the network (and LoRA's init) exists
     network = build_network(config.model)
-    trainer = Trainer(args=config, task="text_generation", model=network, callbacks=[progress, saver])
+    # The Trainer makes a new MindFormers logger (named after the output folder) at INFO and logs through it at
+    # once: the caller's level (WARNING under the knowlm command) holds before and after.
+    level, disabled = get_logger().getEffectiveLevel(), logging.root.manager.disable
+    logging.disable(max(disabled, level - 1))
+    try:
+        trainer = Trainer(args=config, task="text_generation", model=network, callbacks=[progress, saver])
+    finally:
+        logging.disable(disabled)
+    get_logger().setLevel(level)
     # MindFormers pprints its whole resolved config to stdout before training; knowlm logs it at DEBUG instead.
     with mock.patch("mindformers.trainer.base_trainer.pprint", lambda value: log.debug("%s", value)):
         if start is not None:
