@@ -149,7 +149,7 @@ def cmd_bench(args):
 
 def cmd_quickstart(args):
     from knowlm.quickstart import quickstart, report  # pylint: disable=import-outside-toplevel
-    steps = {"steps": args.steps} if args.steps else {}
+    steps = {"steps": args.steps} if args.steps is not None else {}
     print(report(quickstart(workdir=args.workdir, seed=args.seed, keep=args.keep, **steps)))
 
 

@@ -56,3 +56,12 @@ def test_quickstart_tokenizer_spends_one_token_per_fixed_part_of_a_prompt(tmp_pa
         # input marker, the input, response marker
         assert len(ids) == 1 + 1 + 1 + (2 * schema - 1) + 1 + 1 + in_prompt + 1
         assert tokenizer.decode(ids) == prompt
+
+
+def test_quickstart_refuses_a_non_positive_step_count_before_writing_anything(tmp_path):
+    import pytest
+    from knowlm.errors import KnowLMError
+    from knowlm.quickstart import quickstart
+    with pytest.raises(KnowLMError, match="steps 0: expected a positive number"):
+        quickstart(workdir=tmp_path / "run", steps=0)
+    assert not (tmp_path / "run").exists()
