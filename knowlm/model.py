@@ -14,7 +14,9 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
 4. execution: GRAPH mode, because MindSpore's default asynchronous PYNATIVE dispatch is 10-40x slower on CPU,
    with the generation graphs kept on disk (``compile_cache``) so that only a model's first run compiles;
 5. training loss: ``CrossEntropy`` below instead of MindFormers' one-hot cross-entropy (built for sharding
-   over devices), which costs 15% of a LoRA step on CPU.
+   over devices), which costs 15% of a LoRA step on CPU;
+6. decoding on CPU: the weight matmuls of a decode step (one token per sequence) run knowlm's matrix-vector
+   kernel (``knowlm.cpu_ops``), which streams the weights at close to the memory bandwidth.
 """
 import contextlib
 import copy
@@ -32,9 +34,11 @@ import mindspore.common.dtype as mstype
 import numpy as np
 from mindspore import Parameter, nn, ops
 from mindformers.models.llama.llama import LlamaForCausalLM
+from mindformers.modules.layers import Linear
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from knowlm.config import KnowLMConfig
+from knowlm.cpu_ops import DecodeMatMul, gemv_library
 from knowlm.errors import KnowLMError
 from knowlm.registry import checkpoint_for
 
@@ -69,15 +73,16 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-def compile_cache(config):
+def compile_cache(config, kernels=None):
     """Within the block, MindSpore keeps the graphs it compiles on disk, and a later process running the same model
     loads them instead of compiling (first generate call of the benchmark's small model: 8 s cold, 1.5 s cached).
 
     Used around generation only: training graphs carry the run's hyperparameters as constants and cannot be saved
     (PyExecute nodes). MindSpore re-reads the switch for each graph but takes the folder once per process, and it
     checks a cached graph against the network's parameters and its entry script's own imports, not against installed
-    packages: the folder is therefore named after the MindSpore/MindFormers versions, knowlm's source and the model
-    config, so that a change to any of them compiles afresh. A ``MS_COMPILER_CACHE_ENABLE`` set by the user
+    packages: the folder is therefore named after the MindSpore/MindFormers versions, knowlm's source, the model
+    config and the kernel library its graphs call (``kernels``, see ``knowlm.cpu_ops``), so that a change to any of
+    them compiles afresh. A ``MS_COMPILER_CACHE_ENABLE`` set by the user
     (``0`` turns caching off) is obeyed as it is.
     """
     if "MS_COMPILER_CACHE_ENABLE" in os.environ or not (sys.argv and os.path.isfile(sys.argv[0])):
@@ -88,6 +93,7 @@ def compile_cache(config):
         digest = hashlib.sha256(_code_digest().encode())
         digest.update(json.dumps({key: value for key, value in config.to_dict().items()
                                   if key != "checkpoint_name_or_path"}, sort_keys=True, default=str).encode())
+        digest.update(str(kernels).encode())
         ours["MS_COMPILER_CACHE_PATH"] = str(cache_dir() / "graphs" / digest.hexdigest()[:20])
     os.environ.update(ours)
     try:
@@ -101,7 +107,8 @@ def compile_cache(config):
 def _code_digest():
     # Once per process: generate runs once per batch of `knowlm extract`.
     digest = hashlib.sha256(json.dumps([version("mindspore"), version("mindformers")]).encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    package = Path(__file__).parent
+    for path in sorted(package.glob("*.py")) + sorted(package.glob("csrc/*")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -140,11 +147,20 @@ class RotaryEmbeddingBSH(nn.Cell):
         return self._rotate(query, self.n_head, cos, sin), self._rotate(key, self.n_kv_head, cos, sin)
 
 
-class KVCacheWrite(nn.Cell):
-    """``ReshapeAndCache``: write each token's key/value into its slot of the flat cache, in place.
+def _cache_rows(slots, n_kv_head, rows_per_head):
+    """Rows of the head-major flat cache that hold ``slots`` (any shape), one set per kv head:
+    shape ``(n_kv_head,) + slots.shape``."""
+    heads = ops.arange(n_kv_head, dtype=slots.dtype).reshape((n_kv_head,) + (1,) * slots.ndim)
+    return heads * rows_per_head + slots
 
-    The cache has one extra row at the end: padding tokens (slot -1) are written there, so one ``ScatterUpdate``
-    serves prompts of any length without a data-dependent shape.
+
+class KVCacheWrite(nn.Cell):
+    """``ReshapeAndCache``: write each token's key/value into its slot of the cache, in place.
+
+    The cache is ``(kv_heads * (slots + 1), D)``, head-major, so that a decode step reads each head's keys as one
+    block with no transpose (three transposes of the whole cache per layer cost 4 ms of a 75 ms step in the
+    benchmark's large config). Each head has one extra slot at its end: padding tokens (slot -1) are written there,
+    so one ``ScatterUpdate`` serves prompts of any length without a data-dependent shape.
     """
 
     def __init__(self, n_kv_head, head_dim, trash_slot):
@@ -157,32 +173,34 @@ class KVCacheWrite(nn.Cell):
     def construct(self, key, value, key_cache, value_cache, slot_mapping):
         n_tokens = slot_mapping.shape[0]
         slots = ops.select(slot_mapping < 0, ops.full_like(slot_mapping, self.trash_slot), slot_mapping)
-        key = key.reshape(n_tokens, self.n_kv_head, self.head_dim)
-        value = value.reshape(n_tokens, self.n_kv_head, self.head_dim)
-        return ops.depend(self.scatter(key_cache, slots, key), self.scatter(value_cache, slots, value))
+        rows = _cache_rows(slots, self.n_kv_head, self.trash_slot + 1)                  # (kv_heads, n_tokens)
+        key = key.reshape(n_tokens, self.n_kv_head, self.head_dim).transpose(1, 0, 2)
+        value = value.reshape(n_tokens, self.n_kv_head, self.head_dim).transpose(1, 0, 2)
+        return ops.depend(self.scatter(key_cache, rows, key), self.scatter(value_cache, rows, value))
 
 
 class PagedAttentionReference(nn.Cell):
     """``PagedAttention`` for one new token per sequence: gather the sequence's cache blocks and attend.
 
     query ``(B, 1, heads * D)``; ``block_tables`` ``(B, max_blocks)`` (-1 = unused); keys at positions
-    ``>= batch_valid_length`` are masked out.
+    ``>= batch_valid_length`` are masked out. Batched over ``(heads, B)``, the cache's own order.
     """
 
-    def __init__(self, n_head, n_kv_head, head_dim, block_size, scale):
+    def __init__(self, n_head, n_kv_head, head_dim, block_size, scale, rows_per_head):
         super().__init__()
         self.n_head = n_head
         self.n_kv_head = n_kv_head
         self.head_dim = head_dim
         self.block_size = block_size
         self.scale = scale
+        self.rows_per_head = rows_per_head
         self.n_rep = n_head // n_kv_head
+        self.scores = ops.BatchMatMul(transpose_b=True)
 
-    def _gather(self, cache, slots, bs, length):
-        states = ops.gather(cache, slots, 0).reshape(bs, length, self.n_kv_head, self.head_dim)
-        states = states.transpose(0, 2, 1, 3)                     # (B, kv_heads, T, D)
+    def _gather(self, cache, rows):
+        states = ops.gather(cache, rows, 0)                           # (kv_heads, B, T, D)
         if self.n_rep > 1:
-            states = ops.repeat_interleave(states, self.n_rep, 1)   # (B, heads, T, D)
+            states = ops.repeat_interleave(states, self.n_rep, 0)     # (heads, B, T, D)
         return states
 
     def construct(self, query, key_cache, value_cache, block_tables, batch_valid_length):
@@ -190,15 +208,16 @@ class PagedAttentionReference(nn.Cell):
         length = max_blocks * self.block_size
         blocks = ops.maximum(block_tables, 0).reshape(bs, max_blocks, 1)
         slots = (blocks * self.block_size + ops.arange(self.block_size, dtype=blocks.dtype)).reshape(bs, length)
-        key = self._gather(key_cache, slots, bs, length)
-        value = self._gather(value_cache, slots, bs, length)
-        query = query.reshape(bs, 1, self.n_head, self.head_dim).transpose(0, 2, 1, 3)  # (B, heads, 1, D)
-        scores = ops.matmul(query, key.transpose(0, 1, 3, 2)) * self.scale          # (B, heads, 1, T)
+        rows = _cache_rows(slots, self.n_kv_head, self.rows_per_head)                      # (kv_heads, B, T)
+        key = self._gather(key_cache, rows)
+        value = self._gather(value_cache, rows)
+        query = query.reshape(bs, self.n_head, 1, self.head_dim).transpose(1, 0, 2, 3)  # (heads, B, 1, D)
+        scores = self.scores(query, key) * self.scale                                      # (heads, B, 1, T)
         visible = ops.arange(length, dtype=mstype.int32).reshape(1, 1, 1, length) \
-            < batch_valid_length.reshape(bs, 1, 1, 1)
+            < batch_valid_length.reshape(1, bs, 1, 1)
         scores = ops.select(visible, scores, ops.full_like(scores, -1.0e9))
-        context = ops.matmul(ops.softmax(scores, -1), value)                          # (B, heads, 1, D)
-        return context.transpose(0, 2, 1, 3).reshape(bs, 1, self.n_head * self.head_dim)
+        context = ops.matmul(ops.softmax(scores, -1), value)                                # (heads, B, 1, D)
+        return context.transpose(1, 2, 0, 3).reshape(bs, 1, self.n_head * self.head_dim)
 
 
 class CrossEntropy(nn.Cell):
@@ -222,14 +241,25 @@ def _use_portable_kv_cache(network: LlamaForCausalLM):
         manager = attention.paged_attention_mgr
         num_blocks, block_size = manager.key_cache.shape[:2]
         slots = num_blocks * block_size
-        shape = (slots + 1, manager.n_kv_heads, manager.head_dim)
-        # Flat (slot, head, dim) layout so that ScatterUpdate can write a Parameter in place.
+        # 2-D so that ScatterUpdate can write a Parameter in place.
+        shape = (manager.n_kv_heads * (slots + 1), manager.head_dim)
         manager.key_cache = Parameter(ops.zeros(shape, mstype.float32), name="key_cache", requires_grad=False)
         manager.value_cache = Parameter(ops.zeros(shape, mstype.float32), name="value_cache", requires_grad=False)
         manager.reshape_and_cache = KVCacheWrite(manager.n_kv_heads, manager.head_dim, trash_slot=slots)
         manager.paged_attention = PagedAttentionReference(manager.n_heads, manager.n_kv_heads, manager.head_dim,
-                                                          block_size, manager.scale_value)
+                                                          block_size, manager.scale_value, rows_per_head=slots + 1)
         attention.rotary_embedding = RotaryEmbeddingBSH(attention.n_head, attention.n_kv_head, attention.head_dim)
+
+
+def _use_gemv(network: LlamaForCausalLM):
+    """Every weight matmul (attention, feed-forward, lm_head) runs through ``DecodeMatMul``; returns the kernel
+    library (None: MindSpore's MatMul stays)."""
+    library = gemv_library()
+    if library is not None:
+        for _, cell in network.cells_and_names():
+            if isinstance(cell, Linear) and cell.transpose_b and not cell.expert_flag:
+                cell.matmul = DecodeMatMul(library)
+    return library
 
 
 def _argmax(logits, axis):
@@ -260,12 +290,15 @@ class KnowLMForCausalLM(LlamaForCausalLM):
         use_graph_mode()
         # By keyword: MindFormers' lazy-inline decorator reads disable_lazy_inline only from a keyword config.
         super().__init__(config=config)
+        self.kernel_library = None
         if not on_ascend():
             self.argmax = _argmax
             if not config.calculate_per_token_loss:
                 self.loss = CrossEntropy()
             if config.use_past:
                 _use_portable_kv_cache(self)
+                if ms.get_context("device_target") == "CPU":
+                    self.kernel_library = _use_gemv(self)
 
     def load_checkpoint(self, config):
         # Imported here: knowlm.pretrained builds models, so it imports this module.
@@ -315,6 +348,6 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             self._batch_size = batch
             for phase in ("prefill", "increment"):
                 self.phase_cache.pop(phase, None)
-        with contextlib.nullcontext() if on_ascend() else compile_cache(self.config):
+        with contextlib.nullcontext() if on_ascend() else compile_cache(self.config, self.kernel_library):
             return super().generate(input_ids, generation_config=generation_config,
                                     logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)

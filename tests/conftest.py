@@ -57,6 +57,14 @@ def model_dir(hf_model, tmp_path_factory):
     return convert.convert_checkpoint(save_hf_checkpoint(hf_model, root / "hf"), root / "model").output
 
 
+def hf_greedy(hf_model, ids, new_tokens):
+    """Hugging Face greedy generation of ``new_tokens`` after ``ids``: the prompt and the new tokens, a list."""
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0].tolist()
+
+
 def knowlm_logits(model, ids):
     """Logits of ``ids`` (list of equal-length rows) from a no-cache model: (B, len, vocab) numpy."""
     ids = np.asarray(ids, np.int32)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import knowlm_logits
+from conftest import hf_greedy, knowlm_logits
 from knowlm import KnowLMError, KnowLMForCausalLM
 
 PROMPTS = [[1, 17, 250, 31, 999, 5, 42], [1, 600, 7, 7, 300]]
@@ -17,13 +17,6 @@ def no_cache(model_dir):
 @pytest.fixture(scope="module")
 def with_cache(model_dir):
     return KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
-
-
-def hf_greedy(hf_model, ids, new_tokens):
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return out[0].tolist()
 
 
 def test_logits_match_transformers_fp32(hf_model, no_cache):

@@ -1,0 +1,94 @@
+"""knowlm's decode kernel (knowlm/csrc/gemv.cpp) against numpy, and its fallbacks when it cannot be built."""
+import logging
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+import transformers
+from mindspore import nn
+
+from conftest import TINY_HF, hf_greedy, save_hf_checkpoint
+from knowlm import KnowLMForCausalLM, convert
+from knowlm.cpu_ops import GEMV_MAX_ROWS, DecodeMatMul, gemv_library
+
+
+class Product(nn.Cell):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, x, weight):
+        return self.op(x, weight)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """``gemv_library`` rebuilt under the test's environment (and cached again afterwards as before)."""
+    monkeypatch.setenv("KNOWLM_CACHE_DIR", str(tmp_path / "cache"))
+    gemv_library.cache_clear()
+    yield monkeypatch
+    gemv_library.cache_clear()
+
+
+# Row counts up to GEMV_MAX_ROWS; widths not multiples of the kernel's 16 lanes, output sizes not multiples of its
+# 8-row groups, next to the model's own (512 wide).
+@pytest.mark.parametrize("rows", [1, 3, GEMV_MAX_ROWS])
+@pytest.mark.parametrize("n_out, width", [(37, 40), (64, 512), (1001, 24)])
+def test_kernel_equals_numpy_product(rows, n_out, width):
+    rng = np.random.default_rng(rows * n_out)
+    x, weight = rng.standard_normal((rows, width), np.float32), rng.standard_normal((n_out, width), np.float32)
+    got = Product(DecodeMatMul(gemv_library()).gemv)(ms.Tensor(x), ms.Tensor(weight)).asnumpy()
+    expected = x.astype(np.float64) @ weight.astype(np.float64).T
+    assert got.shape == (rows, n_out)
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_more_rows_than_the_kernel_takes_use_matmul():
+    rng = np.random.default_rng(0)
+    x, weight = rng.standard_normal((GEMV_MAX_ROWS + 1, 40), np.float32), rng.standard_normal((24, 40), np.float32)
+    got = Product(DecodeMatMul(gemv_library()))(ms.Tensor(x), ms.Tensor(weight)).asnumpy()
+    assert np.allclose(got, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_can_be_switched_off(fresh_library):
+    fresh_library.setenv("KNOWLM_CPU_KERNELS", "0")
+    assert gemv_library() is None
+
+
+@pytest.mark.parametrize("compiler, message", [("/nonexistent/c++", "no C++ compiler"),
+                                               ("false", "failed")])
+def test_without_a_working_compiler_decoding_falls_back_with_one_warning(fresh_library, caplog, tmp_path, compiler,
+                                                                         message):
+    fresh_library.setenv("CXX", compiler)
+    with caplog.at_level(logging.WARNING, logger="knowlm"):
+        assert gemv_library() is None
+    assert len(caplog.records) == 1 and message in caplog.records[0].getMessage()
+    assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]     # no partial library left
+
+
+def test_decode_model_uses_the_kernel_and_generates_as_with_matmul(model_dir, fresh_library):
+    prompts = [[1, 17, 250, 31, 999, 5, 42], [1, 600, 7, 7, 300, 0, 0]]     # right-padded batch
+    fast = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
+    assert fast.kernel_library is not None
+    assert any(isinstance(cell, DecodeMatMul) for _, cell in fast.cells_and_names())
+    fresh_library.setenv("KNOWLM_CPU_KERNELS", "0")
+    gemv_library.cache_clear()
+    reference = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
+    assert reference.kernel_library is None
+    assert not any(isinstance(cell, DecodeMatMul) for _, cell in reference.cells_and_names())
+    tokens = [fast.generate(prompts, max_new_tokens=16, do_sample=False),
+              reference.generate(prompts, max_new_tokens=16, do_sample=False)]
+    assert [row.tolist() for row in tokens[0]] == [row.tolist() for row in tokens[1]]
+
+
+def test_grouped_query_attention_kv_cache_greedy_matches_transformers(tmp_path):
+    torch.manual_seed(1)
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_HF, "num_key_value_heads": 2}))
+    model_dir = convert.convert_checkpoint(save_hf_checkpoint(hf_model.eval(), tmp_path / "hf"),
+                                           tmp_path / "model").output
+    model = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
+    for prompt in ([1, 17, 250, 31, 999, 5, 42], [1, 600, 7]):
+        expected = hf_greedy(hf_model, prompt, 12)
+        got = model.generate([prompt], max_new_tokens=12, do_sample=False)[0].tolist()
+        assert got == expected[:len(got)] and (len(got) == len(expected) or got[-1] == 2)
