@@ -1,4 +1,5 @@
-"""knowlm's own CPU kernel: a matrix-vector product for decoding, built on first use as a MindSpore AOT custom op.
+"""knowlm's own CPU kernels for decoding (``csrc/decode.cpp``), built on first use as MindSpore AOT custom ops:
+a matrix-vector product (the lm_head) and a whole decoder layer for one new token per sequence.
 
 Decoding multiplies one new token per sequence by every weight, so its speed is the memory bandwidth at which the
 weights stream. On the 2-core machine knowlm is measured on (a plain sum reads 29-32 GB/s), MindSpore's CPU
@@ -18,11 +19,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from mindspore import nn, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
+from mindformers.models.llama.llama_layer import LlamaRMSNorm, LlamaSiLU
+from mindformers.models.llama.llama_transformer import LLamaDecodeLayer
 
 log = logging.getLogger("knowlm")
 
-SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
 FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17")
 # Up to this many rows (sequences decoding at once) the kernel beats MatMul: 1.3-1.8x its speed at 1, 4 and 8 rows
 # on the benchmark's weight shapes; at 16 rows sometimes slower.
@@ -39,7 +43,7 @@ def _cpu_signature() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def gemv_library():
+def kernel_library():
     """Path of the compiled kernel library, or None (switched off, or no working compiler: logged once)."""
     from knowlm.model import cache_dir  # pylint: disable=import-outside-toplevel  # knowlm.model imports this
     if os.environ.get("KNOWLM_CPU_KERNELS", "1") == "0":
@@ -47,7 +51,7 @@ def gemv_library():
     compiler = os.environ.get("CXX", "c++")
     digest = hashlib.sha256(SOURCE.read_bytes())
     digest.update(" ".join((compiler,) + FLAGS + (platform.machine(), _cpu_signature())).encode())
-    library = cache_dir() / "kernels" / f"gemv-{digest.hexdigest()[:20]}.so"
+    library = cache_dir() / "kernels" / f"decode-{digest.hexdigest()[:20]}.so"
     if library.is_file():
         return library
     if shutil.which(compiler) is None:
@@ -88,3 +92,42 @@ class DecodeMatMul(nn.Cell):
         if x.shape[0] <= GEMV_MAX_ROWS:
             return self.gemv(x, weight)
         return self.matmul(x, weight)
+
+
+class FusedDecodeLayer(LLamaDecodeLayer):
+    """MindFormers' decoder layer whose decode step (one new token per sequence) is one ``KnowLMDecodeLayer`` op;
+    the prefill runs MindFormers' own ops. Made from a built layer by ``fuse_decode_layer``, which keeps its
+    parameters and swaps its class."""
+
+    def construct(self, x, freqs_cis, mask=None, batch_valid_length=None, block_tables=None, slot_mapping=None,
+                  prefix_keys_values=None, q_seq_lens=None, kv_mask=None, seq_chunk=None, actual_seq_len=None):
+        if x.ndim == 3 and x.shape[1] == 1 and prefix_keys_values is None:
+            attention, ffn = self.attention, self.feed_forward
+            cache = attention.infer_attention.paged_attention_mgr
+            out = self.decode_kernel(x.reshape(x.shape[0], x.shape[2]), self.attention_norm.weight,
+                                     attention.wq.weight, attention.wk.weight, attention.wv.weight,
+                                     attention.wo.weight, self.ffn_norm.weight, ffn.w1.weight, ffn.w2.weight,
+                                     ffn.w3.weight, cache.key_cache, cache.value_cache, freqs_cis[0], freqs_cis[1],
+                                     batch_valid_length, block_tables, slot_mapping, self.decode_meta)
+            return out.reshape(x.shape)
+        return super().construct(x, freqs_cis, mask, batch_valid_length, block_tables, slot_mapping,
+                                 prefix_keys_values, q_seq_lens, kv_mask, seq_chunk, actual_seq_len)
+
+
+def fuse_decode_layer(layer, library, block_size) -> bool:
+    """Make ``layer`` (a ``LLamaDecodeLayer`` with knowlm's portable KV cache) a ``FusedDecodeLayer``; False, and
+    the layer left as it is, for a variant the kernel does not compute (biases, concatenated q/k/v or gate/up,
+    another activation or norm)."""
+    attention, ffn = layer.attention, layer.feed_forward
+    linears = [getattr(attention, name, None) for name in ("wq", "wk", "wv", "wo")] + \
+        [getattr(ffn, name, None) for name in ("w1", "w2", "w3")]
+    if type(layer) is not LLamaDecodeLayer or any(linear is None or linear.has_bias for linear in linears) \
+            or not isinstance(ffn.w1.activation, LlamaSiLU) \
+            or any(linear.activation_flag for linear in linears if linear is not ffn.w1) \
+            or not all(isinstance(norm, LlamaRMSNorm) for norm in (layer.attention_norm, layer.ffn_norm)):
+        return False
+    layer.__class__ = FusedDecodeLayer
+    layer.decode_kernel = ops.Custom(f"{library}:KnowLMDecodeLayer", out_shape=lambda x, *_: x,
+                                     out_dtype=lambda x, *_: x, func_type="aot")
+    layer.decode_meta = Tensor(np.array([attention.n_head, layer.attention_norm.eps, block_size], np.float32))
+    return True

@@ -15,8 +15,8 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
    with the generation graphs kept on disk (``compile_cache``) so that only a model's first run compiles;
 5. training loss: ``CrossEntropy`` below instead of MindFormers' one-hot cross-entropy (built for sharding
    over devices), which costs 15% of a LoRA step on CPU;
-6. decoding on CPU: the weight matmuls of a decode step (one token per sequence) run knowlm's matrix-vector
-   kernel (``knowlm.cpu_ops``), which streams the weights at close to the memory bandwidth.
+6. decoding on CPU: a decode step (one new token per sequence) runs knowlm's kernels (``knowlm.cpu_ops``): each
+   decoder layer as one op instead of ~50, and the lm_head, at close to the memory bandwidth.
 """
 import contextlib
 import copy
@@ -34,11 +34,10 @@ import mindspore.common.dtype as mstype
 import numpy as np
 from mindspore import Parameter, nn, ops
 from mindformers.models.llama.llama import LlamaForCausalLM
-from mindformers.modules.layers import Linear
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from knowlm.config import KnowLMConfig
-from knowlm.cpu_ops import DecodeMatMul, gemv_library
+from knowlm.cpu_ops import DecodeMatMul, fuse_decode_layer, kernel_library
 from knowlm.errors import KnowLMError
 from knowlm.registry import checkpoint_for
 
@@ -251,14 +250,15 @@ def _use_portable_kv_cache(network: LlamaForCausalLM):
         attention.rotary_embedding = RotaryEmbeddingBSH(attention.n_head, attention.n_kv_head, attention.head_dim)
 
 
-def _use_gemv(network: LlamaForCausalLM):
-    """Every weight matmul (attention, feed-forward, lm_head) runs through ``DecodeMatMul``; returns the kernel
-    library (None: MindSpore's MatMul stays)."""
-    library = gemv_library()
+def _use_cpu_kernels(network: LlamaForCausalLM):
+    """Decode steps run knowlm's kernels: each layer as one op, the lm_head as a matrix-vector product. Returns the
+    kernel library (None: MindSpore's ops stay)."""
+    library = kernel_library()
     if library is not None:
-        for _, cell in network.cells_and_names():
-            if isinstance(cell, Linear) and cell.transpose_b and not cell.expert_flag:
-                cell.matmul = DecodeMatMul(library)
+        network.lm_head.matmul = DecodeMatMul(library)
+        for layer in network.model.layers:
+            manager = layer.attention.infer_attention.paged_attention_mgr
+            fuse_decode_layer(layer, library, manager.paged_attention.block_size)
     return library
 
 
@@ -298,7 +298,7 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             if config.use_past:
                 _use_portable_kv_cache(self)
                 if ms.get_context("device_target") == "CPU":
-                    self.kernel_library = _use_gemv(self)
+                    self.kernel_library = _use_cpu_kernels(self)
 
     def load_checkpoint(self, config):
         # Imported here: knowlm.pretrained builds models, so it imports this module.

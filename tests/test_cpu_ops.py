@@ -1,4 +1,4 @@
-"""knowlm's decode kernel (knowlm/csrc/gemv.cpp) against numpy, and its fallbacks when it cannot be built."""
+"""knowlm's decode kernels (knowlm/csrc/decode.cpp) against numpy and MindFormers' ops, and their fallbacks."""
 import logging
 
 import mindspore as ms
@@ -9,8 +9,8 @@ import transformers
 from mindspore import nn
 
 from conftest import TINY_HF, hf_greedy, save_hf_checkpoint
-from knowlm import KnowLMForCausalLM, convert
-from knowlm.cpu_ops import GEMV_MAX_ROWS, DecodeMatMul, gemv_library
+from knowlm import KnowLMConfig, KnowLMForCausalLM, convert
+from knowlm.cpu_ops import GEMV_MAX_ROWS, DecodeMatMul, FusedDecodeLayer, kernel_library
 
 
 class Product(nn.Cell):
@@ -24,11 +24,11 @@ class Product(nn.Cell):
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
-    """``gemv_library`` rebuilt under the test's environment (and cached again afterwards as before)."""
+    """``kernel_library`` rebuilt under the test's environment (and cached again afterwards as before)."""
     monkeypatch.setenv("KNOWLM_CACHE_DIR", str(tmp_path / "cache"))
-    gemv_library.cache_clear()
+    kernel_library.cache_clear()
     yield monkeypatch
-    gemv_library.cache_clear()
+    kernel_library.cache_clear()
 
 
 # Row counts up to GEMV_MAX_ROWS; widths not multiples of the kernel's 16 lanes, output sizes not multiples of its
@@ -38,7 +38,7 @@ def fresh_library(monkeypatch, tmp_path):
 def test_kernel_equals_numpy_product(rows, n_out, width):
     rng = np.random.default_rng(rows * n_out)
     x, weight = rng.standard_normal((rows, width), np.float32), rng.standard_normal((n_out, width), np.float32)
-    got = Product(DecodeMatMul(gemv_library()).gemv)(ms.Tensor(x), ms.Tensor(weight)).asnumpy()
+    got = Product(DecodeMatMul(kernel_library()).gemv)(ms.Tensor(x), ms.Tensor(weight)).asnumpy()
     expected = x.astype(np.float64) @ weight.astype(np.float64).T
     assert got.shape == (rows, n_out)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -47,13 +47,13 @@ def test_kernel_equals_numpy_product(rows, n_out, width):
 def test_more_rows_than_the_kernel_takes_use_matmul():
     rng = np.random.default_rng(0)
     x, weight = rng.standard_normal((GEMV_MAX_ROWS + 1, 40), np.float32), rng.standard_normal((24, 40), np.float32)
-    got = Product(DecodeMatMul(gemv_library()))(ms.Tensor(x), ms.Tensor(weight)).asnumpy()
+    got = Product(DecodeMatMul(kernel_library()))(ms.Tensor(x), ms.Tensor(weight)).asnumpy()
     assert np.allclose(got, x @ weight.T, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_can_be_switched_off(fresh_library):
     fresh_library.setenv("KNOWLM_CPU_KERNELS", "0")
-    assert gemv_library() is None
+    assert kernel_library() is None
 
 
 @pytest.mark.parametrize("compiler, message", [("/nonexistent/c++", "no C++ compiler"),
@@ -62,7 +62,7 @@ def test_without_a_working_compiler_decoding_falls_back_with_one_warning(fresh_l
                                                                          message):
     fresh_library.setenv("CXX", compiler)
     with caplog.at_level(logging.WARNING, logger="knowlm"):
-        assert gemv_library() is None
+        assert kernel_library() is None
     assert len(caplog.records) == 1 and message in caplog.records[0].getMessage()
     assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]     # no partial library left
 
@@ -70,16 +70,30 @@ def test_without_a_working_compiler_decoding_falls_back_with_one_warning(fresh_l
 def test_decode_model_uses_the_kernel_and_generates_as_with_matmul(model_dir, fresh_library):
     prompts = [[1, 17, 250, 31, 999, 5, 42], [1, 600, 7, 7, 300, 0, 0]]     # right-padded batch
     fast = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
-    assert fast.kernel_library is not None
-    assert any(isinstance(cell, DecodeMatMul) for _, cell in fast.cells_and_names())
+    assert fast.kernel_library is not None and isinstance(fast.lm_head.matmul, DecodeMatMul)
+    assert all(isinstance(layer, FusedDecodeLayer) for layer in fast.model.layers)
     fresh_library.setenv("KNOWLM_CPU_KERNELS", "0")
-    gemv_library.cache_clear()
+    kernel_library.cache_clear()
     reference = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
     assert reference.kernel_library is None
-    assert not any(isinstance(cell, DecodeMatMul) for _, cell in reference.cells_and_names())
+    assert not any(isinstance(cell, (DecodeMatMul, FusedDecodeLayer)) for _, cell in reference.cells_and_names())
     tokens = [fast.generate(prompts, max_new_tokens=16, do_sample=False),
               reference.generate(prompts, max_new_tokens=16, do_sample=False)]
     assert [row.tolist() for row in tokens[0]] == [row.tolist() for row in tokens[1]]
+
+
+def test_layer_variant_the_kernel_does_not_compute_keeps_mindformers_ops():
+    config = KnowLMConfig.from_name("tiny", use_past=True, batch_size=1, seq_length=32, qkv_has_bias=True)
+    ms.set_seed(0)
+    model = KnowLMForCausalLM(config)
+    assert model.kernel_library is not None and isinstance(model.lm_head.matmul, DecodeMatMul)
+    assert not any(isinstance(layer, FusedDecodeLayer) for layer in model.model.layers)
+    ms.set_seed(0)
+    no_cache = KnowLMForCausalLM(KnowLMConfig.from_name("tiny", use_past=False, batch_size=1, seq_length=32,
+                                                        qkv_has_bias=True))
+    prompt = [[1, 17, 250, 31]]
+    assert model.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist() == \
+        no_cache.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
 
 
 def test_grouped_query_attention_kv_cache_greedy_matches_transformers(tmp_path):
