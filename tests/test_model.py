@@ -1,10 +1,14 @@
 """KnowLMForCausalLM against Hugging Face transformers (the reference), on CPU."""
+import mindspore as ms
 import numpy as np
 import pytest
 import torch
+from mindformers.models.llama.llama_layer import LlamaRMSNorm
+from mindspore import nn, ops
 
 from conftest import hf_greedy, knowlm_logits
 from knowlm import KnowLMError, KnowLMForCausalLM
+from knowlm.model import KnowLMRMSNorm, RMSNormFunction, Softmax
 
 PROMPTS = [[1, 17, 250, 31, 999, 5, 42], [1, 600, 7, 7, 300]]
 
@@ -65,3 +69,41 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(with_cache):
 def test_prompt_longer_than_seq_length_is_refused(with_cache):
     with pytest.raises(KnowLMError, match="prompt is 300 tokens; the model's seq_length is 256"):
         with_cache.generate([[1] + [5] * 299], max_new_tokens=4)
+
+
+class _Weighted(nn.Cell):
+    """sum(f(x) * r): its gradient is f's vector-Jacobian product with r."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def construct(self, x, r):
+        return (self.function(x) * r).sum()
+
+
+def _value_and_gradients(function, x, r):
+    net = _Weighted(function)
+    (dx, _), weights = ops.GradOperation(get_all=True, get_by_list=True)(net, net.trainable_params())(x, r)
+    return [function(x).asnumpy(), dx.asnumpy()] + [w.asnumpy() for w in weights]
+
+
+def test_norm_and_softmax_with_row_sum_gradients_equal_mindformers_autodiff():
+    rng = np.random.default_rng(0)
+    x, r = (ms.Tensor(rng.standard_normal((2, 5, 48), np.float32)) for _ in range(2))
+    weight = ms.Tensor(rng.standard_normal(48).astype(np.float32))
+    norms = [LlamaRMSNorm(48, eps=1e-5, fused_kernel=False) for _ in range(2)]
+    for norm in norms:
+        norm.weight.set_data(weight)
+    norms[1].__class__ = KnowLMRMSNorm
+    norms[1].function = RMSNormFunction(norms[1].eps)
+    for stock, ours in [norms, (ops.Softmax(), Softmax())]:
+        expected, got = _value_and_gradients(stock, x, r), _value_and_gradients(ours, x, r)
+        assert len(got) == len(expected) and all(np.abs(a - b).max() <= 1e-5 for a, b in zip(got, expected))
+
+
+def test_training_model_uses_row_sum_gradients(model_dir):
+    model = KnowLMForCausalLM.from_pretrained(model_dir, use_past=False)
+    norms = [cell for _, cell in model.cells_and_names() if isinstance(cell, LlamaRMSNorm)]
+    assert norms and all(isinstance(norm, KnowLMRMSNorm) for norm in norms)
+    assert all(isinstance(layer.attention.softmax, Softmax) for layer in model.model.layers)
