@@ -3,13 +3,13 @@ a matrix-vector product (the lm_head) and a whole decoder layer for one new toke
 
 Decoding multiplies one new token per sequence by every weight, so its speed is the memory bandwidth at which the
 weights stream. On the 2-core machine knowlm is measured on (a plain sum reads 29-32 GB/s), MindSpore's CPU
-``MatMul`` streams such products at 15-19 GB/s inside a decode step and ``csrc/gemv.cpp`` at 28-29 GB/s (profiled);
+``MatMul`` streams such products at 15-19 GB/s inside a decode step and these kernels at 28-29 GB/s (profiled);
 with each layer one op, the benchmark's decode step went from 80.6 to 52.6 ms on its large config (95% of the
 bandwidth bound) and from 18.3 to 12.5 ms on its small one.
 
 The library is compiled with the system's C++ compiler (``$CXX``, else ``c++``; its threads follow
 ``OMP_NUM_THREADS``, else one per core) into knowlm's cache folder, once per source and machine. Without a
-compiler, or with ``KNOWLM_CPU_KERNELS=0``, the models keep MindSpore's ``MatMul``: same tokens, slower decoding.
+compiler, or with ``KNOWLM_CPU_KERNELS=0``, the models keep MindSpore's ops: same tokens, slower decoding.
 """
 import functools
 import hashlib
