@@ -32,6 +32,7 @@ FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17")
 # Up to this many rows (sequences decoding at once) the kernel beats MatMul: 1.3-1.8x its speed at 1, 4 and 8 rows
 # on the benchmark's weight shapes; at 16 rows sometimes slower.
 GEMV_MAX_ROWS = 8
+_FALLBACK = "so decoding uses MindSpore's ops (slower)"
 
 
 def _cpu_signature() -> str:
@@ -56,8 +57,7 @@ def kernel_library():
     if library.is_file():
         return library
     if shutil.which(compiler) is None:
-        log.warning("knowlm: no C++ compiler (%s), so decoding uses MindSpore's MatMul (slower); set CXX to one",
-                    compiler)
+        log.warning("knowlm: no C++ compiler (%s), %s; set CXX to one", compiler, _FALLBACK)
         return None
     # A name of its own per process: two processes may build the same library at once.
     partial = library.with_name(f"{library.name}.{os.getpid()}.partial")
@@ -67,15 +67,15 @@ def kernel_library():
                               check=False)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            log.warning("knowlm: building %s failed (%s), so decoding uses MindSpore's MatMul (slower)", SOURCE, last)
+            log.warning("knowlm: building %s failed (%s), %s", SOURCE, last, _FALLBACK)
             return None
         os.replace(partial, library)
     except OSError as error:
-        log.warning("knowlm: cannot build %s in %s (%s), so decoding uses MindSpore's MatMul (slower)",
-                    SOURCE.name, library.parent, error)
+        log.warning("knowlm: cannot build %s in %s (%s), %s", SOURCE.name, library.parent, error, _FALLBACK)
         return None
     finally:
-        partial.unlink(missing_ok=True)
+        if partial.exists():        # (not unlink(missing_ok=True): it raises when the folder is a file)
+            partial.unlink()
     return library
 
 
@@ -115,7 +115,7 @@ class FusedDecodeLayer(LLamaDecodeLayer):
                                  prefix_keys_values, q_seq_lens, kv_mask, seq_chunk, actual_seq_len)
 
 
-def fuse_decode_layer(layer, library, block_size) -> bool:
+def fuse_decode_layer(layer, library) -> bool:
     """Make ``layer`` (a ``LLamaDecodeLayer`` with knowlm's portable KV cache) a ``FusedDecodeLayer``; False, and
     the layer left as it is, for a variant the kernel does not compute (biases, concatenated q/k/v or gate/up,
     another activation or norm)."""
@@ -130,5 +130,6 @@ def fuse_decode_layer(layer, library, block_size) -> bool:
     layer.__class__ = FusedDecodeLayer
     layer.decode_kernel = ops.Custom(f"{library}:KnowLMDecodeLayer", out_shape=lambda x, *_: x,
                                      out_dtype=lambda x, *_: x, func_type="aot")
+    block_size = attention.infer_attention.paged_attention_mgr.paged_attention.block_size
     layer.decode_meta = Tensor(np.array([attention.n_head, layer.attention_norm.eps, block_size], np.float32))
     return True

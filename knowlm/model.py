@@ -316,8 +316,7 @@ def _use_cpu_kernels(network: LlamaForCausalLM):
     if library is not None:
         network.lm_head.matmul = DecodeMatMul(library)
         for layer in network.model.layers:
-            manager = layer.attention.infer_attention.paged_attention_mgr
-            fuse_decode_layer(layer, library, manager.paged_attention.block_size)
+            fuse_decode_layer(layer, library)
     return library
 
 

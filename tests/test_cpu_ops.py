@@ -67,6 +67,15 @@ def test_without_a_working_compiler_decoding_falls_back_with_one_warning(fresh_l
     assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]     # no partial library left
 
 
+def test_unwritable_cache_folder_falls_back_with_one_warning(fresh_library, caplog, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    fresh_library.setenv("KNOWLM_CACHE_DIR", str(tmp_path / "file"))
+    with caplog.at_level(logging.WARNING, logger="knowlm"):
+        assert kernel_library() is None
+    assert len(caplog.records) == 1 and "cannot build" in caplog.records[0].getMessage()
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_decode_model_uses_the_kernel_and_generates_as_with_matmul(model_dir, fresh_library):
     prompts = [[1, 17, 250, 31, 999, 5, 42], [1, 600, 7, 7, 300, 0, 0]]     # right-padded batch
     fast = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
