@@ -7,10 +7,11 @@ weights stream. On the 2-core machine knowlm is measured on (a plain sum reads 2
 with each layer one op, the benchmark's decode step went from 80.6 to 52.6 ms on its large config (95% of the
 bandwidth bound) and from 18.3 to 12.5 ms on its small one.
 
-The library is compiled with the system's C++ compiler (``$CXX``, else ``c++``; its threads follow
-``OMP_NUM_THREADS``, else one per core) into knowlm's cache folder, once per source and machine. Without a
-compiler, or with ``KNOWLM_CPU_KERNELS=0``, the models keep MindSpore's ops: same tokens, slower decoding.
+The library is compiled with the system's C++ compiler (``$CXX``, else ``c++``) into knowlm's cache folder, once
+per source and machine; its threads: ``kernel_threads()``. Without a compiler, or with ``KNOWLM_CPU_KERNELS=0``, the
+models keep MindSpore's ops: same tokens, slower decoding.
 """
+import ctypes
 import functools
 import hashlib
 import logging
@@ -44,9 +45,26 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+def kernel_threads() -> int:
+    """Threads of the kernels: ``OMP_NUM_THREADS`` as this process started with it (the knob torch and BLAS
+    libraries follow), else every core it may run on. Read here, not in the library: MindSpore sets the variable to 1
+    in the process's C environment once it runs a graph, which left the kernels on one thread (small benchmark
+    decode step 16.2 ms instead of 10.1)."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else len(os.sched_getaffinity(0))
+
+
 @functools.lru_cache(maxsize=None)
 def kernel_library():
-    """Path of the compiled kernel library, or None (switched off, or no working compiler: logged once)."""
+    """Path of the compiled kernel library, or None (switched off, or no working compiler: logged once). Loaded
+    here once to set its threads; MindSpore's own loading of the same file shares that instance."""
+    library = _build_library()
+    if library is not None:
+        ctypes.CDLL(str(library)).KnowLMSetThreads(kernel_threads())
+    return library
+
+
+def _build_library():
     from knowlm.model import cache_dir  # pylint: disable=import-outside-toplevel  # knowlm.model imports this
     if os.environ.get("KNOWLM_CPU_KERNELS", "1") == "0":
         return None

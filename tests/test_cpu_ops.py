@@ -1,5 +1,7 @@
 """knowlm's decode kernels (knowlm/csrc/decode.cpp) against numpy and MindFormers' ops, and their fallbacks."""
+import ctypes
 import logging
+import os
 
 import mindspore as ms
 import numpy as np
@@ -10,7 +12,7 @@ from mindspore import nn
 
 from conftest import TINY_HF, hf_greedy, save_hf_checkpoint
 from knowlm import KnowLMConfig, KnowLMForCausalLM, convert
-from knowlm.cpu_ops import GEMV_MAX_ROWS, DecodeMatMul, FusedDecodeLayer, kernel_library
+from knowlm.cpu_ops import GEMV_MAX_ROWS, DecodeMatMul, FusedDecodeLayer, kernel_library, kernel_threads
 
 
 class Product(nn.Cell):
@@ -42,6 +44,25 @@ def test_kernel_equals_numpy_product(rows, n_out, width):
     expected = x.astype(np.float64) @ weight.astype(np.float64).T
     assert got.shape == (rows, n_out)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_kernels_run_on_the_threads_knowlm_asks_for_not_on_mindspores_omp_setting():
+    # MindSpore sets OMP_NUM_THREADS=1 in its C environment once it runs a graph; the kernels read their threads
+    # from the library instance knowlm loaded, which must be the one MindSpore calls.
+    library = kernel_library()
+    x = np.ones((1, 64), np.float32)
+    Product(DecodeMatMul(library).gemv)(ms.Tensor(x), ms.Tensor(np.ones((64, 64), np.float32))).asnumpy()
+    assert ctypes.CDLL(str(library)).KnowLMThreads() == kernel_threads()
+
+
+@pytest.mark.parametrize("omp, expected", [("3", 3), (None, len(os.sched_getaffinity(0))),
+                                           ("0", len(os.sched_getaffinity(0)))])
+def test_kernel_threads_follow_omp_num_threads_else_every_core(monkeypatch, omp, expected):
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert kernel_threads() == expected
 
 
 def test_more_rows_than_the_kernel_takes_use_matmul():

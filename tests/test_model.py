@@ -6,8 +6,10 @@ import torch
 from mindformers.models.llama.llama_layer import LlamaRMSNorm
 from mindspore import nn, ops
 
+import knowlm.model
 from conftest import hf_greedy, knowlm_logits
 from knowlm import KnowLMError, KnowLMForCausalLM
+from knowlm.generate import greedy_config
 from knowlm.model import KnowLMRMSNorm, RMSNormFunction, Softmax
 
 PROMPTS = [[1, 17, 250, 31, 999, 5, 42], [1, 600, 7, 7, 300]]
@@ -64,6 +66,55 @@ def test_batched_prompts_of_different_lengths_match_one_by_one(with_cache):
     together = [row.tolist() for row in with_cache.generate(batch, max_new_tokens=10, do_sample=False)]
     alone = [with_cache.generate([p], max_new_tokens=10, do_sample=False)[0].tolist() for p in PROMPTS]
     assert together == alone
+
+
+class Recorder:
+    """A streamer that keeps what ``generate`` gives it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(np.asarray(value).tolist())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def _both_loops(model, monkeypatch, prompts, **kwargs):
+    """(knowlm's greedy loop, MindFormers' loop) on the same model: tokens and streamer calls."""
+    runs = []
+    for loop in ("knowlm", "mindformers"):
+        if loop == "mindformers":
+            monkeypatch.setattr(knowlm.model, "greedy_config", lambda *args: None)
+        streamer = Recorder()
+        tokens = model.generate(prompts, do_sample=False, streamer=streamer, **kwargs)
+        runs.append(([row.tolist() for row in tokens], streamer.calls))
+    return runs
+
+
+def test_greedy_loop_gives_mindformers_tokens_on_a_padded_batch_stopping_at_eos(with_cache, monkeypatch):
+    width = max(len(p) for p in PROMPTS)
+    batch = [p + [0] * (width - len(p)) for p in PROMPTS]
+    free = with_cache.generate(batch, max_new_tokens=10, do_sample=False, eos_token_id=[])
+    eos = int(free[0][len(PROMPTS[0]) + 3])            # row 0 stops at its 4th new token, row 1 goes on
+    assert eos not in free[1][len(PROMPTS[1]):].tolist()
+    ours, reference = _both_loops(with_cache, monkeypatch, batch, max_new_tokens=10, eos_token_id=[eos])
+    assert ours == reference
+    assert len(ours[0][0]) == len(PROMPTS[0]) + 4 and len(ours[0][1]) == len(PROMPTS[1]) + 10
+
+
+@pytest.mark.parametrize("max_length", [12, 1000])     # within seq_length (256), and capped at it
+def test_greedy_loop_gives_mindformers_tokens_up_to_max_length(with_cache, monkeypatch, max_length):
+    ours, reference = _both_loops(with_cache, monkeypatch, [PROMPTS[1]], max_length=max_length, eos_token_id=[])
+    assert ours == reference and len(ours[0][0]) == min(max_length, 256)
+
+
+@pytest.mark.parametrize("kwargs", [dict(do_sample=True), dict(repetition_penalty=1.2), dict(min_new_tokens=3),
+                                    dict(return_dict_in_generate=True), dict(use_past=True)])
+def test_calls_the_greedy_loop_does_not_compute_go_to_mindformers(with_cache, kwargs):
+    assert greedy_config(with_cache, None, None, {"do_sample": False, **kwargs}) is None
+    assert greedy_config(with_cache, None, None, dict(do_sample=False, max_new_tokens=3)).max_new_tokens == 3
 
 
 def test_prompt_longer_than_seq_length_is_refused(with_cache):

@@ -11,18 +11,19 @@
 // 2 cores: 1 row at a time 12 GB/s, 8 rows 26-34 GB/s, a plain sum 32 GB/s). GCC/Clang vector extensions, so it
 // compiles to AVX-512/AVX2/NEON alike.
 //
-// Threads: work is split between the calling thread and helpers of our own (OMP_NUM_THREADS in all, else one per
-// core). Not OpenMP: its idle workers busy-wait without yielding and starve MindSpore's runtime threads (a decode
+// Threads: work is split between the calling thread and helpers of our own, KnowLMSetThreads in all (knowlm.cpu_ops
+// passes OMP_NUM_THREADS as the process started with it: MindSpore sets the variable to 1 once it runs a graph, which
+// left the kernels on one thread), else one per core. Not OpenMP: its idle workers busy-wait without yielding and starve MindSpore's runtime threads (a decode
 // step took 35 ms instead of 19 ms); these helpers, like MindSpore's, yield while they wait, then sleep.
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -159,10 +160,11 @@ struct Attention : Job {
   }
 };
 
+std::atomic<int> requested_threads{0};    // KnowLMSetThreads; 0: one per core
+
 int ThreadCount() {
-  const char *env = std::getenv("OMP_NUM_THREADS");   // the knob torch and BLAS libraries follow too
-  const int threads = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
-  return threads > 0 ? threads : 1;
+  const int threads = requested_threads.load();
+  return std::max(threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency()), 1);
 }
 
 class Pool {
@@ -172,6 +174,7 @@ class Pool {
   }
 
   bool ForkedSince() const { return getpid() != pid_; }
+  int Threads() const { return helpers_ + 1; }
 
   void Run(const Job &job) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
@@ -218,14 +221,18 @@ class Pool {
   const Job *volatile job_ = nullptr;
 };
 
+std::atomic<Pool *> built_pool{nullptr};
+
 Pool &Helpers() {
-  // Never destroyed (helpers may be asleep at exit); rebuilt in a forked child, which has no helper threads.
+  // Built by the first kernel call; never destroyed (helpers may be asleep at exit); rebuilt in a forked child,
+  // which has no helper threads.
   static Pool *pool = new Pool(ThreadCount() - 1);
   static std::mutex rebuild;
   if (pool->ForkedSince()) {
     std::lock_guard<std::mutex> lock(rebuild);
     if (pool->ForkedSince()) pool = new Pool(ThreadCount() - 1);
   }
+  built_pool.store(pool);
   return *pool;
 }
 
@@ -262,6 +269,15 @@ bool AllOf(const char **dtypes, int first, int last, const char *dtype) {
 }
 
 }  // namespace
+
+// Threads of the kernels (the caller and its helpers), when set before the first kernel call.
+extern "C" void KnowLMSetThreads(int threads) { requested_threads.store(threads); }
+
+// Threads the kernels run on; 0 before the first kernel call of this process.
+extern "C" int KnowLMThreads() {
+  const Pool *pool = built_pool.load();
+  return pool != nullptr && !pool->ForkedSince() ? pool->Threads() : 0;
+}
 
 // MindSpore's AOT calling convention: params = inputs then outputs; returns 0 on success.
 extern "C" int KnowLMGemv(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
