@@ -41,7 +41,7 @@ from mindformers.models.llama.llama_layer import LlamaRMSNorm
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from knowlm.config import KnowLMConfig
-from knowlm.cpu_ops import DecodeMatMul, fuse_decode_layer, kernel_library
+from knowlm.cpu_ops import DecodeMatMul, fuse_decode_layer, fuse_final_norm, kernel_library
 from knowlm.errors import KnowLMError
 from knowlm.generate import greedy_config, greedy_search
 from knowlm.registry import checkpoint_for
@@ -313,11 +313,12 @@ def _use_portable_kv_cache(network: LlamaForCausalLM):
 
 
 def _use_cpu_kernels(network: LlamaForCausalLM):
-    """Decode steps run knowlm's kernels: each layer as one op, the lm_head as a matrix-vector product. Returns the
-    kernel library (None: MindSpore's ops stay)."""
+    """Decode steps run knowlm's kernels: each layer as one op, the final norm as one op, the lm_head as a
+    matrix-vector product. Returns the kernel library (None: MindSpore's ops stay)."""
     library = kernel_library()
     if library is not None:
         network.lm_head.matmul = DecodeMatMul(library)
+        fuse_final_norm(network.model.norm_out, library)
         for layer in network.model.layers:
             fuse_decode_layer(layer, library)
     return library

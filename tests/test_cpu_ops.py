@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from mindformers.models.llama.llama_layer import LlamaRMSNorm
 from mindspore import nn
 
 from conftest import TINY_HF, hf_greedy, save_hf_checkpoint
 from knowlm import KnowLMConfig, KnowLMForCausalLM, convert
-from knowlm.cpu_ops import GEMV_MAX_ROWS, DecodeMatMul, FusedDecodeLayer, kernel_library, kernel_threads
+from knowlm.cpu_ops import (GEMV_MAX_ROWS, DecodeMatMul, FusedDecodeLayer, KernelRMSNorm, fuse_final_norm,
+                            kernel_library, kernel_threads)
 
 
 class Product(nn.Cell):
@@ -44,6 +46,17 @@ def test_kernel_equals_numpy_product(rows, n_out, width):
     expected = x.astype(np.float64) @ weight.astype(np.float64).T
     assert got.shape == (rows, n_out)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_final_norm_kernel_equals_mindformers_rmsnorm():
+    rng = np.random.default_rng(5)
+    x, weight = rng.standard_normal((2, 3, 72), np.float32), rng.standard_normal(72).astype(np.float32)
+    norms = [LlamaRMSNorm(72, eps=1e-5, fused_kernel=False) for _ in range(2)]
+    for norm in norms:
+        norm.weight.set_data(ms.Tensor(weight))
+    assert fuse_final_norm(norms[1], kernel_library()) and isinstance(norms[1], KernelRMSNorm)
+    expected, got = (norm(ms.Tensor(x)).asnumpy() for norm in norms)
+    assert got.shape == x.shape and np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 def test_kernels_run_on_the_threads_knowlm_asks_for_not_on_mindspores_omp_setting():
@@ -102,11 +115,13 @@ def test_decode_model_uses_the_kernel_and_generates_as_with_matmul(model_dir, fr
     fast = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
     assert fast.kernel_library is not None and isinstance(fast.lm_head.matmul, DecodeMatMul)
     assert all(isinstance(layer, FusedDecodeLayer) for layer in fast.model.layers)
+    assert isinstance(fast.model.norm_out, KernelRMSNorm)
     fresh_library.setenv("KNOWLM_CPU_KERNELS", "0")
     kernel_library.cache_clear()
     reference = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True)
     assert reference.kernel_library is None
-    assert not any(isinstance(cell, (DecodeMatMul, FusedDecodeLayer)) for _, cell in reference.cells_and_names())
+    assert not any(isinstance(cell, (DecodeMatMul, FusedDecodeLayer, KernelRMSNorm))
+                   for _, cell in reference.cells_and_names())
     tokens = [fast.generate(prompts, max_new_tokens=16, do_sample=False),
               reference.generate(prompts, max_new_tokens=16, do_sample=False)]
     assert [row.tolist() for row in tokens[0]] == [row.tolist() for row in tokens[1]]
