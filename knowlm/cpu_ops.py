@@ -2,10 +2,11 @@
 a matrix-vector product (the lm_head), the final RMSNorm and a whole decoder layer for one new token per sequence.
 
 Decoding multiplies one new token per sequence by every weight, so its speed is the memory bandwidth at which the
-weights stream. On the 2-core machine knowlm is measured on (a plain sum reads 29-32 GB/s), MindSpore's CPU
-``MatMul`` streams such products at 15-19 GB/s inside a decode step and these kernels at 28-29 GB/s (profiled);
-with each layer one op, the benchmark's decode step went from 80.6 to 52.6 ms on its large config (95% of the
-bandwidth bound) and from 18.3 to 12.5 ms on its small one.
+weights stream. On the 2-core machine knowlm is measured on (a plain sum reads 28-32 GB/s), MindSpore's CPU
+``MatMul`` streams such products at 15-19 GB/s inside a decode step and these kernels at 30-35 GB/s (standalone);
+with each layer one op, the benchmark's decode step went from 80.6 to 46.1 ms on its large config and from 18.3 to
+7.5 ms on its small one (with knowlm's greedy loop, ``knowlm.generate.greedy_search``): 108% and 75% of the
+bandwidth bound the benchmark measures.
 
 The library is compiled with the system's C++ compiler (``$CXX``, else ``c++``) into knowlm's cache folder, once
 per source and machine; its threads: ``kernel_threads()``. Without a compiler, or with ``KNOWLM_CPU_KERNELS=0``, the

@@ -110,6 +110,25 @@ def test_greedy_loop_gives_mindformers_tokens_up_to_max_length(with_cache, monke
     assert ours == reference and len(ours[0][0]) == min(max_length, 256)
 
 
+def test_generation_interrupted_midway_leaves_the_model_generating_as_before(with_cache):
+    class Interrupt(Recorder):
+        def put(self, value):
+            super().put(value)
+            if len(self.calls) == 4:
+                raise KeyboardInterrupt
+
+    expected = with_cache.generate([PROMPTS[0]], max_new_tokens=8, do_sample=False)[0].tolist()
+    with pytest.raises(KeyboardInterrupt):
+        with_cache.generate([PROMPTS[0]], max_new_tokens=8, do_sample=False, streamer=Interrupt())
+    assert not with_cache.block_mgr.block_mem_pool.used_blocks          # its cache blocks given back
+    assert with_cache.generate([PROMPTS[0]], max_new_tokens=8, do_sample=False)[0].tolist() == expected
+
+
+def test_max_length_shorter_than_the_prompt_is_refused(with_cache):
+    with pytest.raises(KnowLMError, match="max_length 4 is shorter than the 7-token prompt"):
+        with_cache.generate([PROMPTS[0]], max_length=4, do_sample=False)
+
+
 @pytest.mark.parametrize("kwargs", [dict(do_sample=True), dict(repetition_penalty=1.2), dict(min_new_tokens=3),
                                     dict(return_dict_in_generate=True), dict(use_past=True)])
 def test_calls_the_greedy_loop_does_not_compute_go_to_mindformers(with_cache, kwargs):
