@@ -19,7 +19,7 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
    devices), which costs 15% of a LoRA step on CPU; RMSNorm and the attention softmax with gradients whose sums
    over the hidden/key axis are matmuls (``_row_sums``): the benchmark's small LoRA step 715 -> 635 ms;
 6. decoding on CPU: a decode step (one new token per sequence) runs knowlm's kernels (``knowlm.cpu_ops``): each
-   decoder layer as one op instead of ~50, and the lm_head, at close to the memory bandwidth.
+   decoder layer as one op instead of ~50, the final norm and the lm_head, at close to the memory bandwidth.
 """
 import contextlib
 import copy
@@ -79,7 +79,7 @@ def cache_dir() -> Path:
 @contextlib.contextmanager
 def compile_cache(config, kernels=None):
     """Within the block, MindSpore keeps the graphs it compiles on disk, and a later process running the same model
-    loads them instead of compiling (first generate call of the benchmark's small model: 8 s cold, 1.5 s cached).
+    loads them instead of compiling (first generate call of the benchmark's small model: 5.2 s cold, 1.0 s cached).
 
     Used around generation only: training graphs carry the run's hyperparameters as constants and cannot be saved
     (PyExecute nodes). MindSpore re-reads the switch for each graph but takes the folder once per process, and it
