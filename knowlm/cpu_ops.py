@@ -1,5 +1,6 @@
 """knowlm's own CPU kernels for decoding (``csrc/decode.cpp``), built on first use as MindSpore AOT custom ops:
-a matrix-vector product (the lm_head), the final RMSNorm and a whole decoder layer for one new token per sequence.
+a matrix-vector product (the lm_head), the final RMSNorm and a whole decoder layer for one new token per sequence;
+and, for training, the attention's RoPE and its gradient.
 
 Decoding multiplies one new token per sequence by every weight, so its speed is the memory bandwidth at which the
 weights stream. On the 2-core machine knowlm is measured on (a plain sum reads 28-32 GB/s), MindSpore's CPU
@@ -27,11 +28,14 @@ import mindspore.common.dtype as mstype
 from mindspore import Tensor, nn, ops
 from mindformers.models.llama.llama_layer import LlamaRMSNorm, LlamaSiLU
 from mindformers.models.llama.llama_transformer import LLamaDecodeLayer
+from mindformers.modules.layers import RotaryEmbedding
 
 log = logging.getLogger("knowlm")
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.cpp"
-FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c++17")
+# -ffp-contract=off: no fused multiply-adds, so that the RoPE kernels round as MindSpore's separate Mul and Add ops do
+# (training takes the same steps with or without them); the bandwidth-bound products lose nothing by it.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-pthread", "-shared", "-fPIC", "-std=c++17")
 # Up to this many rows (sequences decoding at once) the kernel beats MatMul: 1.3-1.8x its speed at 1, 4 and 8 rows
 # on the benchmark's weight shapes; at 16 rows sometimes slower.
 GEMV_MAX_ROWS = 8
@@ -115,6 +119,47 @@ class DecodeMatMul(nn.Cell):
         return self.matmul(x, weight)
 
 
+def _aot(library, name):
+    # knowlm's kernel `name` as a MindSpore op whose output has its first input's shape and dtype.
+    return ops.Custom(f"{library}:{name}", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x, func_type="aot")
+
+
+class RotaryFunction(nn.Cell):
+    """Rotate-half RoPE of ``x`` (..., S, D) by ``cos``/``sin`` (S x D values) as one ``KnowLMRope`` op; its gradient
+    is one ``KnowLMRopeGrad`` op (the rotation transposed)."""
+
+    def __init__(self, library):
+        super().__init__()
+        self.forward = _aot(library, "KnowLMRope")
+        self.backward = _aot(library, "KnowLMRopeGrad")
+
+    def construct(self, x, cos, sin):
+        return self.forward(x, cos, sin)
+
+    def bprop(self, x, cos, sin, out, dout):
+        return self.backward(dout, cos, sin), ops.zeros_like(cos), ops.zeros_like(sin)
+
+
+class KernelRotaryEmbedding(RotaryEmbedding):
+    """MindFormers' ``RotaryEmbedding`` (the attention's RoPE without a KV cache: training, and models built with
+    ``use_past=False``) with query and key each one ``RotaryFunction``: its ~14 ops a layer forward and as many
+    backward were 70 ms of the benchmark's 640 ms small LoRA step. Made by ``fuse_rotary_embedding``."""
+
+    def construct(self, xq, xk, freqs_cis):
+        cos, sin, _ = freqs_cis
+        return self.rotate(xq, cos, sin), self.rotate(xk, cos, sin)
+
+
+def fuse_rotary_embedding(rotary, library) -> bool:
+    """Make ``rotary`` (a float32 rotate-half ``RotaryEmbedding``) a ``KernelRotaryEmbedding``; False, and it left as
+    it is, otherwise."""
+    if type(rotary) is not RotaryEmbedding or not rotary.use_rope_slice or rotary.dtype != mstype.float32:
+        return False
+    rotary.__class__ = KernelRotaryEmbedding
+    rotary.rotate = RotaryFunction(library)
+    return True
+
+
 class KernelRMSNorm(LlamaRMSNorm):
     """MindFormers' ``LlamaRMSNorm`` as one ``KnowLMRmsNorm`` op, forward only: a generation model's final norm (its
     ~8 MindSpore ops were 0.25 ms of the small benchmark model's decode step). Made by ``fuse_final_norm``."""
@@ -128,8 +173,7 @@ def fuse_final_norm(norm, library) -> bool:
     if not isinstance(norm, LlamaRMSNorm) or norm.weight.dtype != mstype.float32:
         return False
     norm.__class__ = KernelRMSNorm
-    norm.kernel = ops.Custom(f"{library}:KnowLMRmsNorm", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x,
-                             func_type="aot")
+    norm.kernel = _aot(library, "KnowLMRmsNorm")
     norm.meta = Tensor(np.array([norm.eps], np.float32))
     return True
 
@@ -167,8 +211,7 @@ def fuse_decode_layer(layer, library) -> bool:
             or not all(isinstance(norm, LlamaRMSNorm) for norm in (layer.attention_norm, layer.ffn_norm)):
         return False
     layer.__class__ = FusedDecodeLayer
-    layer.decode_kernel = ops.Custom(f"{library}:KnowLMDecodeLayer", out_shape=lambda x, *_: x,
-                                     out_dtype=lambda x, *_: x, func_type="aot")
+    layer.decode_kernel = _aot(library, "KnowLMDecodeLayer")
     block_size = attention.infer_attention.paged_attention_mgr.paged_attention.block_size
     layer.decode_meta = Tensor(np.array([attention.n_head, layer.attention_norm.eps, block_size], np.float32))
     return True

@@ -18,8 +18,9 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
 5. training: ``CrossEntropy`` below instead of MindFormers' one-hot cross-entropy (built for sharding over
    devices), which costs 15% of a LoRA step on CPU; RMSNorm and the attention softmax with gradients whose sums
    over the hidden/key axis are matmuls (``_row_sums``): the benchmark's small LoRA step 715 -> 635 ms;
-6. decoding on CPU: a decode step (one new token per sequence) runs knowlm's kernels (``knowlm.cpu_ops``): each
-   decoder layer as one op instead of ~50, the final norm and the lm_head, at close to the memory bandwidth.
+6. knowlm's kernels on CPU (``knowlm.cpu_ops``): a decode step (one new token per sequence) runs each decoder layer
+   as one op instead of ~50, the final norm and the lm_head at close to the memory bandwidth; without a KV cache
+   (training), the attention's RoPE is one op forward and one backward (small LoRA step ~640 -> ~595 ms).
 """
 import contextlib
 import copy
@@ -41,7 +42,7 @@ from mindformers.models.llama.llama_layer import LlamaRMSNorm
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from knowlm.config import KnowLMConfig
-from knowlm.cpu_ops import DecodeMatMul, fuse_decode_layer, fuse_final_norm, kernel_library
+from knowlm.cpu_ops import DecodeMatMul, fuse_decode_layer, fuse_final_norm, fuse_rotary_embedding, kernel_library
 from knowlm.errors import KnowLMError
 from knowlm.generate import greedy_config, greedy_search
 from knowlm.registry import checkpoint_for
@@ -313,10 +314,17 @@ def _use_portable_kv_cache(network: LlamaForCausalLM):
 
 
 def _use_cpu_kernels(network: LlamaForCausalLM):
-    """Decode steps run knowlm's kernels: each layer as one op, the final norm as one op, the lm_head as a
-    matrix-vector product. Returns the kernel library (None: MindSpore's ops stay)."""
+    """knowlm's kernels: the attention's RoPE without a KV cache (training) as one op with its gradient; with a KV
+    cache, decode steps with each layer as one op, the final norm as one op and the lm_head as a matrix-vector
+    product. Returns the kernel library (None: MindSpore's ops stay)."""
     library = kernel_library()
-    if library is not None:
+    if library is None:
+        return None
+    for layer in network.model.layers:
+        rotary = getattr(layer.attention, "apply_rotary_emb", None)
+        if rotary is not None:
+            fuse_rotary_embedding(rotary, library)
+    if network.config.use_past:
         network.lm_head.matmul = DecodeMatMul(library)
         fuse_final_norm(network.model.norm_out, library)
         for layer in network.model.layers:
@@ -360,8 +368,8 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             _use_row_sum_gradients(self)
             if config.use_past:
                 _use_portable_kv_cache(self)
-                if ms.get_context("device_target") == "CPU":
-                    self.kernel_library = _use_cpu_kernels(self)
+            if ms.get_context("device_target") == "CPU":
+                self.kernel_library = _use_cpu_kernels(self)
 
     def load_checkpoint(self, config):
         # Imported here: knowlm.pretrained builds models, so it imports this module.

@@ -9,12 +9,13 @@ import pytest
 import torch
 import transformers
 from mindformers.models.llama.llama_layer import LlamaRMSNorm
-from mindspore import nn
+from mindformers.modules.layers import RotaryEmbedding
+from mindspore import nn, ops
 
 from conftest import TINY_HF, hf_greedy, save_hf_checkpoint
 from knowlm import KnowLMConfig, KnowLMForCausalLM, convert
-from knowlm.cpu_ops import (GEMV_MAX_ROWS, DecodeMatMul, FusedDecodeLayer, KernelRMSNorm, fuse_final_norm,
-                            kernel_library, kernel_threads)
+from knowlm.cpu_ops import (GEMV_MAX_ROWS, DecodeMatMul, FusedDecodeLayer, KernelRMSNorm, KernelRotaryEmbedding,
+                            fuse_final_norm, fuse_rotary_embedding, kernel_library, kernel_threads)
 
 
 class Product(nn.Cell):
@@ -57,6 +58,39 @@ def test_final_norm_kernel_equals_mindformers_rmsnorm():
     assert fuse_final_norm(norms[1], kernel_library()) and isinstance(norms[1], KernelRMSNorm)
     expected, got = (norm(ms.Tensor(x)).asnumpy() for norm in norms)
     assert got.shape == x.shape and np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+class RopeLoss(nn.Cell):
+    """sum(RoPE(q) * rq) + sum(RoPE(k) * rk): its gradients are RoPE's vector-Jacobian products."""
+
+    def __init__(self, rotary, cos, sin):
+        super().__init__()
+        self.rotary = rotary
+        self.freqs = (cos, sin, cos)        # the third, a swap mask, is unused by the rotate-half form
+
+    def construct(self, q, k, rq, rk):
+        q, k = self.rotary(q, k, self.freqs)
+        return (q * rq).sum() + (k * rk).sum()
+
+
+def test_rope_kernel_and_its_gradient_equal_mindformers_rotary_embedding():
+    rng = np.random.default_rng(6)
+    angles = rng.uniform(0, 6, (1, 1, 5, 8)).astype(np.float32)
+    cos, sin = ms.Tensor(np.cos(angles)), ms.Tensor(np.sin(angles))
+    inputs = [ms.Tensor(rng.standard_normal(shape, np.float32)) for shape in [(2, 4, 5, 8), (2, 2, 5, 8)] * 2]
+    rotaries = [RotaryEmbedding(8, ms.float32, use_rope_slice=True) for _ in range(2)]
+    assert fuse_rotary_embedding(rotaries[1], kernel_library()) and isinstance(rotaries[1], KernelRotaryEmbedding)
+    results = []
+    for rotary in rotaries:
+        loss = RopeLoss(rotary, cos, sin)
+        gradients = ops.GradOperation(get_all=True)(loss)(*inputs)[:2]
+        results.append([out.asnumpy() for out in rotary(*inputs[:2], (cos, sin, cos)) + gradients])
+    assert all(np.array_equal(got, expected) for got, expected in zip(results[1], results[0]))   # rounded alike
+
+
+def test_models_without_kv_cache_use_the_rope_kernel(model_dir):
+    model = KnowLMForCausalLM.from_pretrained(model_dir, use_past=False)
+    assert all(isinstance(layer.attention.apply_rotary_emb, KernelRotaryEmbedding) for layer in model.model.layers)
 
 
 def test_kernels_run_on_the_threads_knowlm_asks_for_not_on_mindspores_omp_setting():

@@ -2,6 +2,7 @@
 //
 // - KnowLMGemv: y (M, N) = x (M, K) . w (N, K)^T for a few rows M (one new token per sequence): the lm_head.
 // - KnowLMRmsNorm: LLaMA's RMSNorm, for the final norm of a generation model.
+// - KnowLMRope, KnowLMRopeGrad: rotate-half RoPE and its gradient, for training (one thread).
 // - KnowLMDecodeLayer: one whole LLaMA decoder layer for one new token per sequence (RMSNorm, q/k/v, rotate-half
 //   RoPE, KV-cache write, attention over the cache, o, residual, RMSNorm, SwiGLU feed-forward, residual). A decode
 //   step of MindSpore ops is ~50 kernels per layer whose launches cost more than their arithmetic on small models;
@@ -14,8 +15,9 @@
 //
 // Threads: work is split between the calling thread and helpers of our own, KnowLMSetThreads in all (knowlm.cpu_ops
 // passes OMP_NUM_THREADS as the process started with it: MindSpore sets the variable to 1 once it runs a graph, which
-// left the kernels on one thread), else one per core. Not OpenMP: its idle workers busy-wait without yielding and starve MindSpore's runtime threads (a decode
-// step took 35 ms instead of 19 ms); these helpers, like MindSpore's, yield while they wait, then sleep.
+// left the kernels on one thread), else one per core. Not OpenMP: its idle workers busy-wait without yielding and
+// starve MindSpore's runtime threads (a decode step took 35 ms instead of 19 ms); these helpers, like MindSpore's,
+// yield while they wait, then sleep.
 #include <sched.h>
 #include <unistd.h>
 
@@ -275,6 +277,42 @@ bool AllOf(const char **dtypes, int first, int last, const char *dtype) {
   return true;
 }
 
+// Rotate-half RoPE over x (..., S, D) with cos, sin (S, D), one thread: out = x * cos + rotate_half(x) * sin, or with
+// `transpose` its gradient dx = dy * cos + rotate_half^T(dy * sin) (rotate_half(x) = [-x2, x1], its transpose
+// [y2, -y1]). MindFormers' training RoPE is ~14 MindSpore ops a layer forward and as many backward: 70 ms of the
+// benchmark's 640 ms small LoRA step.
+void RopeRows(const float *x, const float *cos, const float *sin, int64_t rows, int64_t seq, int64_t dim,
+              bool transpose, float *out) {
+  const int64_t half = dim / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * dim, *c = cos + r % seq * dim, *s = sin + r % seq * dim;
+    float *o = out + r * dim;
+    for (int64_t i = 0; i < half; ++i) {
+      const float first = xr[i], second = xr[i + half];
+      if (transpose) {
+        o[i] = first * c[i] + second * s[i + half];
+        o[i + half] = second * c[i + half] - first * s[i];
+      } else {
+        o[i] = first * c[i] - second * s[i];
+        o[i + half] = second * c[i + half] + first * s[i + half];
+      }
+    }
+  }
+}
+
+int Rope(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool transpose) {
+  if (nparam != 4 || ndims[0] < 2) return 1;
+  if (!AllOf(dtypes, 0, 4, "float32")) return 2;
+  const int64_t seq = shapes[0][ndims[0] - 2], dim = shapes[0][ndims[0] - 1];
+  int64_t rows = 1, table = 1;
+  for (int d = 0; d + 1 < ndims[0]; ++d) rows *= shapes[0][d];
+  for (int d = 0; d < ndims[1]; ++d) table *= shapes[1][d];
+  if (dim % 2 != 0 || table != seq * dim) return 3;
+  RopeRows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+           static_cast<const float *>(params[2]), rows, seq, dim, transpose, static_cast<float *>(params[3]));
+  return 0;
+}
+
 }  // namespace
 
 // Threads of the kernels (the caller and its helpers), when set before the first kernel call.
@@ -297,6 +335,22 @@ extern "C" int KnowLMGemv(int nparam, void **params, int *ndims, int64_t **shape
   job.Add(static_cast<const float *>(params[1]), static_cast<float *>(params[2]), shapes[1][0]);
   Helpers().Run(job);
   return 0;
+}
+
+// Inputs: x (..., S, D), cos, sin (S * D values). Output: RoPE of x, like x.
+extern "C" int KnowLMRope(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return Rope(nparam, params, ndims, shapes, dtypes, false);
+}
+
+// Inputs: dy (..., S, D), cos, sin. Output: the gradient of KnowLMRope's x.
+extern "C" int KnowLMRopeGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return Rope(nparam, params, ndims, shapes, dtypes, true);
 }
 
 // Inputs: x (..., H), weight (H), meta float32 [eps]. Output: x / sqrt(mean(x^2) + eps) * weight, like x. A model's
