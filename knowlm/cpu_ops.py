@@ -11,7 +11,7 @@ memory speed varies from run to run) and from 18.3 to 6.9-7.5 ms on its small on
 
 The library is compiled with the system's C++ compiler (``$CXX``, else ``c++``) into knowlm's cache folder, once
 per source and machine; its threads: ``kernel_threads()``. Without a compiler, or with ``KNOWLM_CPU_KERNELS=0``, the
-models keep MindSpore's ops: same tokens, slower decoding.
+models keep MindSpore's ops: same tokens and training steps, slower.
 """
 import ctypes
 import functools
@@ -39,7 +39,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-pthread", "-shared", "-f
 # Up to this many rows (sequences decoding at once) the kernel beats MatMul: 1.3-1.8x its speed at 1, 4 and 8 rows
 # on the benchmark's weight shapes; at 16 rows sometimes slower.
 GEMV_MAX_ROWS = 8
-_FALLBACK = "so decoding uses MindSpore's ops (slower)"
+_FALLBACK = "so MindSpore's ops run instead (slower decoding and training)"
 
 
 def _cpu_signature() -> str:
@@ -57,7 +57,9 @@ def kernel_threads() -> int:
     in the process's C environment once it runs a graph, which left the kernels on one thread (small benchmark
     decode step 16.2 ms instead of 10.1)."""
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    return int(threads) if threads.isdigit() and int(threads) > 0 else len(os.sched_getaffinity(0))
+    if threads.isdigit() and int(threads) > 0:
+        return int(threads)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1   # (macOS)
 
 
 @functools.lru_cache(maxsize=None)
