@@ -149,6 +149,8 @@ class KernelRotaryEmbedding(RotaryEmbedding):
 
     def construct(self, xq, xk, freqs_cis):
         cos, sin, _ = freqs_cis
+        if cos.size != xq.shape[-2] * xq.shape[-1]:       # a table per sequence: MindFormers' ops broadcast it
+            return super().construct(xq, xk, freqs_cis)
         return self.rotate(xq, cos, sin), self.rotate(xk, cos, sin)
 
 

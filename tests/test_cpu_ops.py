@@ -73,9 +73,10 @@ class RopeLoss(nn.Cell):
         return (q * rq).sum() + (k * rk).sum()
 
 
-def test_rope_kernel_and_its_gradient_equal_mindformers_rotary_embedding():
+@pytest.mark.parametrize("tables", [1, 2])        # one cos/sin table for all sequences (the kernel), one each
+def test_rope_kernel_and_its_gradient_equal_mindformers_rotary_embedding(tables):
     rng = np.random.default_rng(6)
-    angles = rng.uniform(0, 6, (1, 1, 5, 8)).astype(np.float32)
+    angles = rng.uniform(0, 6, (tables, 1, 5, 8)).astype(np.float32)
     cos, sin = ms.Tensor(np.cos(angles)), ms.Tensor(np.sin(angles))
     inputs = [ms.Tensor(rng.standard_normal(shape, np.float32)) for shape in [(2, 4, 5, 8), (2, 2, 5, 8)] * 2]
     rotaries = [RotaryEmbedding(8, ms.float32, use_rope_slice=True) for _ in range(2)]
