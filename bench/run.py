@@ -21,9 +21,10 @@ from the median of the calls after it; one more knowlm decode process then repor
 the first one left in the run's compile cache (what a user's second ``knowlm generate`` pays).
 
 The hardware bound is measured in the same run: peak fp32 matmul FLOP/s (2048 x 2048, torch and numpy, 2 threads)
-and memory read bandwidth (sum over a 512 MB array, numpy and torch), the best of each. Each measure says which
-fraction of it a side reaches: model FLOPs / time / peak for prefill and training (matmuls only, attention counted
-as a full square), fp32 weight bytes read per token / decode-step time / bandwidth for decoding.
+and memory read bandwidth (sum over a 512 MB array: numpy, torch, and torch over numpy's memory, which numpy puts
+on huge pages), the best of each. Each measure says which fraction of it a side reaches: model FLOPs / time / peak
+for prefill and training (matmuls only, attention counted as a full square), fp32 weight bytes read per token /
+decode-step time / bandwidth for decoding.
 
 Ratios are peer / knowlm (time, or peak RSS for conversion): above 1 means knowlm is faster (or smaller). Writes
 ``results.json`` (every comparison in a field whose name contains ``ratio``) and ``results.png`` to ``--out``.
@@ -174,9 +175,13 @@ class TorchSide:
         a, b = torch.randn(n, n), torch.randn(n, n)
         matmul = {"torch": min(time_calls(lambda: a @ b, 5)[0]["times_s"]),
                   "numpy": min(time_calls(lambda: np.matmul(a.numpy(), b.numpy()), 5)[0]["times_s"])}
+        # numpy asks the kernel for huge pages for its large arrays (madvise), torch's allocator does not: torch
+        # summing numpy's memory reads it fastest (on the 2-core machine ~70 GB/s, against ~35-41 GB/s on 4 KB pages).
         array, tensor = np.ones(nbytes // 8), torch.ones(nbytes // 4)
+        huge = torch.from_numpy(np.ones(nbytes // 4, np.float32))
         read = {"numpy": min(time_calls(array.sum, 5)[0]["times_s"]),
-                "torch": min(time_calls(tensor.sum, 5)[0]["times_s"])}
+                "torch": min(time_calls(tensor.sum, 5)[0]["times_s"]),
+                "torch_huge_pages": min(time_calls(huge.sum, 5)[0]["times_s"])}
         return {"matmul_flops": {k: 2 * n**3 / s for k, s in matmul.items()},
                 "read_bytes_per_s": {k: nbytes / s for k, s in read.items()}}
 
@@ -482,7 +487,8 @@ def table(results) -> str:
         f"bound: peak fp32 matmul {bounds['peak_flops'] / 1e9:.0f} GFLOP/s (torch "
         f"{bounds['matmul_flops']['torch'] / 1e9:.0f}, numpy {bounds['matmul_flops']['numpy'] / 1e9:.0f}), "
         f"memory read {bounds['bandwidth'] / 1e9:.1f} GB/s (numpy {bounds['read_bytes_per_s']['numpy'] / 1e9:.1f}, "
-        f"torch {bounds['read_bytes_per_s']['torch'] / 1e9:.1f}); {THREADS} threads per side",
+        f"torch {bounds['read_bytes_per_s']['torch'] / 1e9:.1f}, torch on huge pages "
+        f"{bounds['read_bytes_per_s']['torch_huge_pages'] / 1e9:.1f}); {THREADS} threads per side",
         "peer: transformers (+PEFT) for prefill/decode/LoRA, MindFormers' convert_pt_to_ms for convert; "
         "peer/knowlm > 1: knowlm faster (smaller); 1st: first call (knowlm: includes GRAPH compile; cached: "
         "in a second process, graphs loaded from the compile cache); "
