@@ -254,22 +254,6 @@ void RmsNorm(const float *x, const float *weight, float eps, int64_t rows, int64
   }
 }
 
-// Rotate-half RoPE in place on x (rows, heads * dim), row r rotated by cos/sin row r (dim values each).
-void Rotate(float *x, const float *cos, const float *sin, int64_t rows, int64_t heads, int64_t dim) {
-  const int64_t half = dim / 2;
-  std::vector<float> head(dim);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t h = 0; h < heads; ++h) {
-      float *v = x + (r * heads + h) * dim;
-      std::copy(v, v + dim, head.begin());
-      for (int64_t i = 0; i < dim; ++i) {
-        const float rotated = i < half ? -head[i + half] : head[i - half];
-        v[i] = head[i] * cos[r * dim + i] + rotated * sin[r * dim + i];
-      }
-    }
-  }
-}
-
 bool AllOf(const char **dtypes, int first, int last, const char *dtype) {
   for (int i = first; i < last; ++i) {
     if (std::strcmp(dtypes[i], dtype) != 0) return false;
@@ -277,15 +261,24 @@ bool AllOf(const char **dtypes, int first, int last, const char *dtype) {
   return true;
 }
 
-// Rotate-half RoPE over x (..., S, D) with cos, sin (S, D), one thread: out = x * cos + rotate_half(x) * sin, or with
-// `transpose` its gradient dx = dy * cos + rotate_half^T(dy * sin) (rotate_half(x) = [-x2, x1], its transpose
-// [y2, -y1]). MindFormers' training RoPE is ~14 MindSpore ops a layer forward and as many backward: 70 ms of the
-// benchmark's 640 ms small LoRA step.
-void RopeRows(const float *x, const float *cos, const float *sin, int64_t rows, int64_t seq, int64_t dim,
-              bool transpose, float *out) {
+int64_t Product(const int64_t *shape, int count) {
+  int64_t product = 1;
+  for (int d = 0; d < count; ++d) product *= shape[d];
+  return product;
+}
+
+// Rotate-half RoPE of the `rows` rows of x (dim values each; `out` may be x), one thread: out = x * cos +
+// rotate_half(x) * sin, or with `transpose` its gradient dx = dy * cos + rotate_half^T(dy * sin) (rotate_half(x) =
+// [-x2, x1], its transpose [y2, -y1]). Row r takes cos/sin row r / repeat % period: x (..., S, D) with one table has
+// repeat 1, period S; a decode step's q or k (B, heads, D) with a row per sequence has repeat heads, period B.
+// MindFormers' training RoPE is ~14 MindSpore ops a layer forward and as many backward: 70 ms of the benchmark's
+// 640 ms small LoRA step.
+void RopeRows(const float *x, const float *cos, const float *sin, int64_t rows, int64_t dim, int64_t repeat,
+              int64_t period, bool transpose, float *out) {
   const int64_t half = dim / 2;
   for (int64_t r = 0; r < rows; ++r) {
-    const float *xr = x + r * dim, *c = cos + r % seq * dim, *s = sin + r % seq * dim;
+    const int64_t table_row = r / repeat % period;
+    const float *xr = x + r * dim, *c = cos + table_row * dim, *s = sin + table_row * dim;
     float *o = out + r * dim;
     for (int64_t i = 0; i < half; ++i) {
       const float first = xr[i], second = xr[i + half];
@@ -304,12 +297,10 @@ int Rope(int nparam, void **params, int *ndims, int64_t **shapes, const char **d
   if (nparam != 4 || ndims[0] < 2) return 1;
   if (!AllOf(dtypes, 0, 4, "float32")) return 2;
   const int64_t seq = shapes[0][ndims[0] - 2], dim = shapes[0][ndims[0] - 1];
-  int64_t rows = 1, table = 1;
-  for (int d = 0; d + 1 < ndims[0]; ++d) rows *= shapes[0][d];
-  for (int d = 0; d < ndims[1]; ++d) table *= shapes[1][d];
-  if (dim % 2 != 0 || table != seq * dim) return 3;
+  if (dim % 2 != 0 || Product(shapes[1], ndims[1]) != seq * dim) return 3;
   RopeRows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-           static_cast<const float *>(params[2]), rows, seq, dim, transpose, static_cast<float *>(params[3]));
+           static_cast<const float *>(params[2]), Product(shapes[0], ndims[0] - 1), dim, 1, seq, transpose,
+           static_cast<float *>(params[3]));
   return 0;
 }
 
@@ -361,10 +352,9 @@ extern "C" int KnowLMRmsNorm(int nparam, void **params, int *ndims, int64_t **sh
   (void)extra;
   if (nparam != 4 || ndims[1] != 1 || shapes[1][0] != shapes[0][ndims[0] - 1]) return 1;
   if (!AllOf(dtypes, 0, 4, "float32")) return 2;
-  int64_t rows = 1;
-  for (int d = 0; d + 1 < ndims[0]; ++d) rows *= shapes[0][d];
   RmsNorm(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-          static_cast<const float *>(params[2])[0], rows, shapes[1][0], static_cast<float *>(params[3]));
+          static_cast<const float *>(params[2])[0], Product(shapes[0], ndims[0] - 1), shapes[1][0],
+          static_cast<float *>(params[3]));
   return 0;
 }
 
@@ -411,8 +401,8 @@ extern "C" int KnowLMDecodeLayer(int nparam, void **params, int *ndims, int64_t 
   RmsNorm(in(kX), in(kNorm1), eps, batch, hidden, normed);
   pool.Run(Products(normed, batch, hidden).Add(in(kWq), q, q_width).Add(in(kWk), k, kv_width)
                .Add(in(kWv), v, kv_width));
-  Rotate(q, in(kCos), in(kSin), batch, heads, dim);
-  Rotate(k, in(kCos), in(kSin), batch, kv_heads, dim);
+  RopeRows(q, in(kCos), in(kSin), batch * heads, dim, heads, batch, false, q);
+  RopeRows(k, in(kCos), in(kSin), batch * kv_heads, dim, kv_heads, batch, false, k);
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t slot = slots[b] < 0 ? rows_per_head - 1 : slots[b];
     for (int64_t h = 0; h < kv_heads; ++h) {
