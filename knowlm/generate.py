@@ -8,6 +8,7 @@ of the same compiled graphs with the same inputs, so its tokens are MindFormers'
 kind of call (sampling, logits processors, dict outputs, model keyword arguments) to MindFormers.
 """
 import copy
+import time
 
 import numpy as np
 from mindspore import Tensor
@@ -16,7 +17,11 @@ from mindformers.generation.generation_config import GenerationConfig
 from mindformers.generation.logits_process import LogitsProcessorList
 from mindformers.generation.text_generator import get_valid_length_each_example
 
+from knowlm.cpu_ops import GEMV_MAX_ROWS
 from knowlm.errors import KnowLMError
+
+# How long one call of the decode-steps kernel may take, at most ~: see _decode.
+CHUNK_SECONDS = 0.25
 
 
 def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_k=50, top_p=1.0,
@@ -109,6 +114,7 @@ def _decode(model, ids, valid, limits, max_length, eos, streamer):
     # Fills ``ids`` (batch, seq_length) in place and advances ``valid`` (each row's length) as tokens come.
     batch, seq_length = ids.shape
     finished = [False] * batch
+    ends = np.minimum(limits, max_length)
     model.phase = "prefill"
     model.add_flags_custom(is_first_iteration=True)
     block_tables, slot_mapping = model.block_mgr.assemble_pa_full_inputs(seq_length, valid, finished)
@@ -116,21 +122,54 @@ def _decode(model, ids, valid, limits, max_length, eos, streamer):
     model.phase = "increment"
     model.add_flags_custom(is_first_iteration=False)
     rows = np.arange(batch)
-    logits = _logits(output, batch, valid - 1 + rows * seq_length)
+    columns = [_logits(output, batch, valid - 1 + rows * seq_length).argmax(-1).tolist()]
+    # A batch's finished rows get no tokens from the steps kernel, where MindFormers' loop streams what their decode
+    # step computed; more rows than GEMV_MAX_ROWS take MatMul, not the kernel's product, in the decode-step graph.
+    steps = model.__dict__.get("decode_steps") if (streamer is None or batch == 1) and batch <= GEMV_MAX_ROWS \
+        else None
+    chunk = 1
     while True:
-        tokens = logits.argmax(-1).tolist()
-        for i, token in enumerate(tokens):
-            if finished[i]:
-                continue
-            ids[i, valid[i]] = token
-            if token in eos or valid[i] + 1 in (max_length, limits[i]):
-                finished[i] = True
-            else:
-                valid[i] += 1
-        if streamer is not None:
-            streamer.put(tokens[0] if batch == 1 else tokens)
-        if all(finished):
-            return
-        block_tables, slot_mapping = model.block_mgr.assemble_pa_inc_inputs(valid, finished)
-        output = model(**_step_inputs(ids[rows, valid - 1].reshape(batch, 1), valid, block_tables, slot_mapping))
-        logits = _logits(output, batch, None)
+        for tokens in columns:
+            if _take(tokens, ids, valid, ends, finished, eos, streamer):
+                return
+        last = ids[rows, valid - 1]
+        if steps is None:
+            block_tables, slot_mapping = model.block_mgr.assemble_pa_inc_inputs(valid, finished)
+            output = model(**_step_inputs(last.reshape(batch, 1), valid, block_tables, slot_mapping))
+            columns = [_logits(output, batch, None).argmax(-1).tolist()]
+            continue
+        counts = np.array([0 if done else min(chunk, end - length) for done, end, length in zip(finished, ends, valid)],
+                          np.int32)
+        start = time.perf_counter()
+        tokens = steps(*(Tensor.from_numpy(np.ascontiguousarray(array, np.int32)) for array in (
+            last, valid, counts, _reserve(model.block_mgr, counts), [e for e in eos if e is not None] or [-1])))
+        columns = tokens.asnumpy().T[:counts.max()].tolist()
+        # As many steps per call as take ~CHUNK_SECONDS: more would hold off Ctrl-C and a streamer that long (the
+        # first call's time includes compiling the steps graph).
+        chunk = int(np.clip(CHUNK_SECONDS * counts.max() / (time.perf_counter() - start), 1, steps.STEPS))
+
+
+def _take(tokens, ids, valid, ends, finished, eos, streamer):
+    # Each unfinished row takes its token; it finishes at an end-of-sequence token or at its end length. True once
+    # every row has finished.
+    for i, token in enumerate(tokens):
+        if finished[i]:
+            continue
+        ids[i, valid[i]] = token
+        if token in eos or valid[i] + 1 >= ends[i]:
+            finished[i] = True
+        else:
+            valid[i] += 1
+    if streamer is not None:
+        streamer.put(tokens[0] if len(tokens) == 1 else tokens)
+    return all(finished)
+
+
+def _reserve(block_mgr, counts):
+    # Cache blocks for each row's next ``counts`` positions; the rows' block tables, padded with -1.
+    tables = []
+    for engine, count in zip(block_mgr.cache_engines, counts):
+        if count:
+            engine.prepare_cache(int(count))
+        tables.append(engine.block_table + [-1] * (block_mgr.max_num_blocks_per_seq - len(engine.block_table)))
+    return tables

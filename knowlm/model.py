@@ -42,7 +42,8 @@ from mindformers.models.llama.llama_layer import LlamaRMSNorm
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from knowlm.config import KnowLMConfig
-from knowlm.cpu_ops import DecodeMatMul, fuse_decode_layer, fuse_final_norm, fuse_rotary_embedding, kernel_library
+from knowlm.cpu_ops import (DecodeMatMul, decode_steps, fuse_decode_layer, fuse_final_norm, fuse_rotary_embedding,
+                            kernel_library)
 from knowlm.errors import KnowLMError
 from knowlm.generate import greedy_config, greedy_search
 from knowlm.registry import checkpoint_for
@@ -329,6 +330,8 @@ def _use_cpu_kernels(network: LlamaForCausalLM):
         fuse_final_norm(network.model.norm_out, library)
         for layer in network.model.layers:
             fuse_decode_layer(layer, library)
+        # In the network's __dict__, not among its cells: it holds the network's own layers.
+        network.__dict__["decode_steps"] = decode_steps(network, library)
     return library
 
 

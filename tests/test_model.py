@@ -110,6 +110,30 @@ def test_greedy_loop_gives_mindformers_tokens_up_to_max_length(with_cache, monke
     assert ours == reference and len(ours[0][0]) == min(max_length, 256)
 
 
+@pytest.mark.parametrize("chunk_seconds, calls", [(0.0, 9), (1e9, 2)])   # a step per call; then all the rest
+def test_decode_steps_kernel_gives_the_decode_step_graphs_tokens(with_cache, monkeypatch, chunk_seconds, calls):
+    width = max(len(p) for p in PROMPTS)
+    batch = [p + [0] * (width - len(p)) for p in PROMPTS]
+    free = with_cache.generate(batch, max_new_tokens=10, do_sample=False, eos_token_id=[])
+    eos = int(free[0][len(PROMPTS[0]) + 3])            # row 0 stops at its 4th new token, within a call
+    steps, counts = with_cache.__dict__["decode_steps"], []
+
+    def counting(tokens, valid, steps_per_row, *args):
+        counts.append(steps_per_row.asnumpy().tolist())
+        return steps(tokens, valid, steps_per_row, *args)
+
+    counting.STEPS = steps.STEPS
+    monkeypatch.setattr(knowlm.generate, "CHUNK_SECONDS", chunk_seconds)
+    monkeypatch.setitem(with_cache.__dict__, "decode_steps", counting)
+    kernel = [row.tolist() for row in with_cache.generate(batch, max_new_tokens=10, do_sample=False,
+                                                          eos_token_id=[eos])]
+    monkeypatch.setitem(with_cache.__dict__, "decode_steps", None)
+    graph = [row.tolist() for row in with_cache.generate(batch, max_new_tokens=10, do_sample=False,
+                                                         eos_token_id=[eos])]
+    assert kernel == graph and len(counts) == calls
+    assert len(kernel[0]) == len(PROMPTS[0]) + 4 and len(kernel[1]) == len(PROMPTS[1]) + 10
+
+
 def test_generation_interrupted_midway_leaves_the_model_generating_as_before(with_cache):
     class Interrupt(Recorder):
         def put(self, value):

@@ -7,6 +7,8 @@
 //   RoPE, KV-cache write, attention over the cache, o, residual, RMSNorm, SwiGLU feed-forward, residual). A decode
 //   step of MindSpore ops is ~50 kernels per layer whose launches cost more than their arithmetic on small models;
 //   this is one.
+// - KnowLMDecodeSteps: up to N greedy decode steps of a whole model (embedding, those layers, final norm, lm_head,
+//   argmax) in one call, for generation without a graph call and a return to Python per token.
 //
 // Decoding reads every weight once per token, so memory bandwidth is the limit. Eight weight rows stream at once:
 // eight independent accumulators keep enough loads in flight to reach the machine's read bandwidth (measured on
@@ -304,6 +306,100 @@ int Rope(int nparam, void **params, int *ndims, int64_t **shapes, const char **d
   return 0;
 }
 
+// One decoder layer's weights and KV cache (knowlm.cpu_ops passes them in this order), with the widths they imply.
+struct Layer {
+  enum { kNorm1, kWq, kWk, kWv, kWo, kNorm2, kW1, kW2, kW3, kKeys, kValues, kCount };
+  const float *norm1, *wq, *wk, *wv, *wo, *norm2, *w1, *w2, *w3;
+  float *keys, *values;             // (kv_heads * rows_per_head, dim), written in place
+  int64_t hidden, heads, dim, q_width, kv_heads, kv_width, inter, rows_per_head;
+
+  // From the kCount params at `first`; false if their shapes do not make a layer of `heads` heads.
+  bool Read(void **params, int *ndims, int64_t **shapes, int first, int64_t heads_) {
+    auto in = [&](int i) { return static_cast<float *>(params[first + i]); };
+    auto shape = [&](int i) { return shapes[first + i]; };
+    norm1 = in(kNorm1), wq = in(kWq), wk = in(kWk), wv = in(kWv), wo = in(kWo), norm2 = in(kNorm2);
+    w1 = in(kW1), w2 = in(kW2), w3 = in(kW3), keys = in(kKeys), values = in(kValues);
+    heads = heads_;
+    hidden = shape(kWq)[1], q_width = shape(kWq)[0], dim = q_width / heads, kv_width = shape(kWk)[0];
+    inter = shape(kW1)[0];
+    if (dim == 0 || kv_width % dim != 0 || shape(kWo)[0] != hidden || shape(kW2)[1] != inter ||
+        ndims[first + kKeys] != 2 || shape(kKeys)[1] != dim) {
+      return false;
+    }
+    kv_heads = kv_width / dim;
+    if (kv_heads == 0 || heads % kv_heads != 0) return false;
+    rows_per_head = shape(kKeys)[0] / kv_heads;
+    return true;
+  }
+};
+
+// Where the new token of each of `batch` sequences goes and what it attends to.
+struct NewTokens {
+  int64_t batch;
+  const float *cos, *sin;           // (batch, dim) at each sequence's new position
+  const int32_t *valid;             // (batch,) length with the new token
+  const int32_t *blocks;            // (batch, max_blocks) block tables
+  const int32_t *slots;             // (batch,) cache slot of the new token (-1: padding, written to each head's last row)
+  int64_t max_blocks, block_size;
+};
+
+// out (batch, hidden) = the layer applied to x (batch, hidden); out may be x.
+void DecodeLayer(const Layer &w, const NewTokens &t, float eps, const float *x, float *out) {
+  const int64_t batch = t.batch, hidden = w.hidden;
+  thread_local std::vector<float> scratch;
+  scratch.resize(batch * (2 * hidden + 2 * w.q_width + 2 * w.kv_width + 2 * w.inter));
+  float *normed = scratch.data(), *q = normed + batch * hidden, *k = q + batch * w.q_width;
+  float *v = k + batch * w.kv_width, *context = v + batch * w.kv_width, *gate = context + batch * w.q_width;
+  float *up = gate + batch * w.inter, *residual = up + batch * w.inter;
+  Pool &pool = Helpers();
+
+  RmsNorm(x, w.norm1, eps, batch, hidden, normed);
+  pool.Run(Products(normed, batch, hidden).Add(w.wq, q, w.q_width).Add(w.wk, k, w.kv_width)
+               .Add(w.wv, v, w.kv_width));
+  RopeRows(q, t.cos, t.sin, batch * w.heads, w.dim, w.heads, batch, false, q);
+  RopeRows(k, t.cos, t.sin, batch * w.kv_heads, w.dim, w.kv_heads, batch, false, k);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t slot = t.slots[b] < 0 ? w.rows_per_head - 1 : t.slots[b];
+    for (int64_t h = 0; h < w.kv_heads; ++h) {
+      const int64_t row = h * w.rows_per_head + slot;
+      std::memcpy(w.keys + row * w.dim, k + (b * w.kv_heads + h) * w.dim, w.dim * sizeof(float));
+      std::memcpy(w.values + row * w.dim, v + (b * w.kv_heads + h) * w.dim, w.dim * sizeof(float));
+    }
+  }
+  Attention attention;
+  attention.q = q;
+  attention.key_cache = w.keys;
+  attention.value_cache = w.values;
+  attention.block_tables = t.blocks;
+  attention.valid = t.valid;
+  attention.out = context;
+  attention.batch = batch;
+  attention.heads = w.heads;
+  attention.kv_heads = w.kv_heads;
+  attention.dim = w.dim;
+  attention.max_blocks = t.max_blocks;
+  attention.block_size = t.block_size;
+  attention.rows_per_head = w.rows_per_head;
+  attention.scale = 1.0f / std::sqrt(static_cast<float>(w.dim));
+  pool.Run(attention);
+  pool.Run(Products(context, batch, w.q_width).Add(w.wo, residual, hidden));
+  for (int64_t i = 0; i < batch * hidden; ++i) residual[i] += x[i];
+  RmsNorm(residual, w.norm2, eps, batch, hidden, normed);
+  pool.Run(Products(normed, batch, hidden).Add(w.w1, gate, w.inter).Add(w.w3, up, w.inter));
+  for (int64_t i = 0; i < batch * w.inter; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  pool.Run(Products(gate, batch, w.inter).Add(w.w2, out, hidden));
+  for (int64_t i = 0; i < batch * hidden; ++i) out[i] += residual[i];
+}
+
+// numpy's argmax: the first largest value, or the first NaN.
+int64_t Argmax(const float *x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n && !std::isnan(x[best]); ++i) {
+    if (x[i] > x[best] || std::isnan(x[i])) best = i;
+  }
+  return best;
+}
+
 }  // namespace
 
 // Threads of the kernels (the caller and its helpers), when set before the first kernel call.
@@ -358,81 +454,114 @@ extern "C" int KnowLMRmsNorm(int nparam, void **params, int *ndims, int64_t **sh
   return 0;
 }
 
-// Inputs: x (B, H); attention_norm (H); wq (heads*D, H); wk, wv (kv_heads*D, H); wo (H, heads*D); ffn_norm (H);
-// w1 (I, H); w2 (H, I); w3 (I, H); key_cache, value_cache (kv_heads * rows_per_head, D), written in place;
-// cos, sin (B, D) at each sequence's new position; batch_valid_length (B,) int32 (length with the new token);
-// block_tables (B, max_blocks) int32; slot_mapping (B,) int32 (-1: padding, written to each head's last row);
-// meta float32 [heads, eps, block_size]. Output: the layer's output (B, H).
+// Inputs: x (B, H); the layer's Layer::kCount weights and caches (attention_norm (H); wq (heads*D, H); wk, wv
+// (kv_heads*D, H); wo (H, heads*D); ffn_norm (H); w1 (I, H); w2 (H, I); w3 (I, H); key_cache, value_cache
+// (kv_heads * rows_per_head, D), written in place); cos, sin (B, D) at each sequence's new position;
+// batch_valid_length (B,) int32 (length with the new token); block_tables (B, max_blocks) int32; slot_mapping (B,)
+// int32 (-1: padding); meta float32 [heads, eps, block_size]. Output: the layer's output (B, H).
 extern "C" int KnowLMDecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  enum { kX, kNorm1, kWq, kWk, kWv, kWo, kNorm2, kW1, kW2, kW3, kKeys, kValues, kCos, kSin, kValid, kBlocks, kSlots,
-         kMeta, kOut, kCount };
+  enum { kX, kLayer, kCos = kLayer + Layer::kCount, kSin, kValid, kBlocks, kSlots, kMeta, kOut, kCount };
   if (nparam != kCount) return 1;
   if (!AllOf(dtypes, kX, kValid, "float32") || !AllOf(dtypes, kValid, kMeta, "int32") ||
       !AllOf(dtypes, kMeta, kCount, "float32")) {
     return 2;
   }
-  auto in = [&](int i) { return static_cast<const float *>(params[i]); };
-  const float *meta = in(kMeta);
-  const int64_t batch = shapes[kX][0], hidden = shapes[kX][1], heads = static_cast<int64_t>(meta[0]);
-  const int64_t q_width = shapes[kWq][0], dim = q_width / heads, kv_width = shapes[kWk][0];
-  const int64_t kv_heads = kv_width / dim, inter = shapes[kW1][0];
-  const int64_t rows_per_head = shapes[kKeys][0] / kv_heads, block_size = static_cast<int64_t>(meta[2]);
-  const float eps = meta[1];
-  if (ndims[kX] != 2 || shapes[kWo][0] != hidden || shapes[kWq][1] != hidden || shapes[kW2][1] != inter ||
-      shapes[kKeys][1] != dim || shapes[kCos][1] != dim || heads % kv_heads != 0) {
+  const float *meta = static_cast<const float *>(params[kMeta]);
+  Layer layer;
+  if (!layer.Read(params, ndims, shapes, kLayer, static_cast<int64_t>(meta[0])) || ndims[kX] != 2 ||
+      shapes[kX][1] != layer.hidden || shapes[kCos][1] != layer.dim) {
     return 3;
   }
-  const int32_t *valid = static_cast<const int32_t *>(params[kValid]);
-  const int32_t *slots = static_cast<const int32_t *>(params[kSlots]);
-  float *keys = static_cast<float *>(params[kKeys]);
-  float *values = static_cast<float *>(params[kValues]);
-  float *out = static_cast<float *>(params[kOut]);
+  NewTokens tokens;
+  tokens.batch = shapes[kX][0];
+  tokens.cos = static_cast<const float *>(params[kCos]);
+  tokens.sin = static_cast<const float *>(params[kSin]);
+  tokens.valid = static_cast<const int32_t *>(params[kValid]);
+  tokens.blocks = static_cast<const int32_t *>(params[kBlocks]);
+  tokens.slots = static_cast<const int32_t *>(params[kSlots]);
+  tokens.max_blocks = shapes[kBlocks][1];
+  tokens.block_size = static_cast<int64_t>(meta[2]);
+  DecodeLayer(layer, tokens, meta[1], static_cast<const float *>(params[kX]), static_cast<float *>(params[kOut]));
+  return 0;
+}
 
-  thread_local std::vector<float> scratch;
-  scratch.resize(batch * (2 * hidden + 2 * q_width + 2 * kv_width + 2 * inter));
-  float *normed = scratch.data(), *q = normed + batch * hidden, *k = q + batch * q_width;
-  float *v = k + batch * kv_width, *context = v + batch * kv_width, *gate = context + batch * q_width;
-  float *up = gate + batch * inter, *residual = up + batch * inter;
-  Pool &pool = Helpers();
+// Greedy decoding of up to N tokens per sequence in one call, for a model whose every layer KnowLMDecodeLayer
+// computes: a decode step as one graph call costs ~1.2 ms of MindSpore graph entry and exit and Python on top of its
+// kernels (a sixth of the small benchmark model's step). Each step computes what a graph call of the decode-step
+// graph computes, with the same functions, so the tokens are the same.
+// Inputs: tokens (B,) int32, each sequence's last token; valid (B,) int32, its length with that token; steps (B,)
+// int32, at most this many new tokens for it (0: none); block_tables (B, max_blocks) int32, covering every position
+// written; eos (E,) int32: a sequence stops after one of these; embedding (V, H); cos, sin (P, D), the RoPE tables of
+// all positions; final_norm (H); lm_head (V, H); meta float32 [heads, eps, block_size, final norm eps]; then
+// Layer::kCount inputs per layer. Output: (B, N) int32, each sequence's new tokens, then -1.
+extern "C" int KnowLMDecodeSteps(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                 void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  enum { kTokens, kValid, kSteps, kBlocks, kEos, kEmbedding, kCos, kSin, kNorm, kHead, kMeta, kLayers };
+  const int out_index = nparam - 1, layers = (nparam - kLayers - 1) / Layer::kCount;
+  if (layers < 1 || kLayers + layers * Layer::kCount + 1 != nparam) return 1;
+  if (!AllOf(dtypes, kTokens, kEmbedding, "int32") || !AllOf(dtypes, kEmbedding, out_index, "float32") ||
+      !AllOf(dtypes, out_index, nparam, "int32")) {
+    return 2;
+  }
+  auto ints = [&](int i) { return static_cast<const int32_t *>(params[i]); };
+  auto floats = [&](int i) { return static_cast<const float *>(params[i]); };
+  const float *meta = floats(kMeta);
+  const int64_t batch = shapes[kTokens][0], width = shapes[out_index][1], vocab = shapes[kHead][0];
+  const int64_t positions = shapes[kCos][0], max_blocks = shapes[kBlocks][1], block_size = static_cast<int64_t>(meta[2]);
+  std::vector<Layer> weights(layers);
+  for (int l = 0; l < layers; ++l) {
+    if (!weights[l].Read(params, ndims, shapes, kLayers + l * Layer::kCount, static_cast<int64_t>(meta[0]))) return 3;
+  }
+  const int64_t hidden = weights[0].hidden, dim = weights[0].dim;
+  if (shapes[kEmbedding][1] != hidden || shapes[kHead][1] != hidden || shapes[kCos][1] != dim ||
+      shapes[kNorm][0] != hidden || block_size < 1) {
+    return 3;
+  }
+  int32_t *out = static_cast<int32_t *>(params[out_index]);
+  std::fill(out, out + batch * width, -1);
 
-  RmsNorm(in(kX), in(kNorm1), eps, batch, hidden, normed);
-  pool.Run(Products(normed, batch, hidden).Add(in(kWq), q, q_width).Add(in(kWk), k, kv_width)
-               .Add(in(kWv), v, kv_width));
-  RopeRows(q, in(kCos), in(kSin), batch * heads, dim, heads, batch, false, q);
-  RopeRows(k, in(kCos), in(kSin), batch * kv_heads, dim, kv_heads, batch, false, k);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t slot = slots[b] < 0 ? rows_per_head - 1 : slots[b];
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t row = h * rows_per_head + slot;
-      std::memcpy(keys + row * dim, k + (b * kv_heads + h) * dim, dim * sizeof(float));
-      std::memcpy(values + row * dim, v + (b * kv_heads + h) * dim, dim * sizeof(float));
+  std::vector<int32_t> last(ints(kTokens), ints(kTokens) + batch), valid(batch), blocks(batch * max_blocks);
+  std::vector<int32_t> slots(batch);
+  std::vector<int64_t> rows;        // the sequences still decoding at this step
+  std::vector<float> x(batch * hidden), normed(batch * hidden), cos(batch * dim), sin(batch * dim);
+  std::vector<float> logits(batch * vocab);
+  std::vector<bool> stopped(batch, false);
+  for (int64_t step = 0; step < width; ++step) {
+    rows.clear();
+    for (int64_t r = 0; r < batch; ++r) {
+      if (!stopped[r] && step < ints(kSteps)[r]) rows.push_back(r);
+    }
+    if (rows.empty()) break;
+    const int64_t n = static_cast<int64_t>(rows.size());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rows[i], position = ints(kValid)[r] - 1 + step;
+      const int32_t *table = ints(kBlocks) + r * max_blocks;
+      if (last[r] < 0 || last[r] >= vocab || position < 0 || position >= positions ||
+          position / block_size >= max_blocks || table[position / block_size] < 0) {
+        return 4;
+      }
+      std::memcpy(&x[i * hidden], floats(kEmbedding) + int64_t{last[r]} * hidden, hidden * sizeof(float));
+      std::memcpy(&cos[i * dim], floats(kCos) + position * dim, dim * sizeof(float));
+      std::memcpy(&sin[i * dim], floats(kSin) + position * dim, dim * sizeof(float));
+      std::copy(table, table + max_blocks, &blocks[i * max_blocks]);
+      valid[i] = static_cast<int32_t>(position + 1);
+      slots[i] = static_cast<int32_t>(table[position / block_size] * block_size + position % block_size);
+    }
+    NewTokens tokens{n, cos.data(), sin.data(), valid.data(), blocks.data(), slots.data(), max_blocks, block_size};
+    for (const Layer &layer : weights) DecodeLayer(layer, tokens, meta[1], x.data(), x.data());
+    RmsNorm(x.data(), floats(kNorm), meta[3], n, hidden, normed.data());
+    Helpers().Run(Products(normed.data(), n, hidden).Add(floats(kHead), logits.data(), vocab));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rows[i];
+      last[r] = static_cast<int32_t>(Argmax(&logits[i * vocab], vocab));
+      out[r * width + step] = last[r];
+      stopped[r] = std::find(ints(kEos), ints(kEos) + shapes[kEos][0], last[r]) != ints(kEos) + shapes[kEos][0];
     }
   }
-  Attention attention;
-  attention.q = q;
-  attention.key_cache = keys;
-  attention.value_cache = values;
-  attention.block_tables = static_cast<const int32_t *>(params[kBlocks]);
-  attention.valid = valid;
-  attention.out = context;
-  attention.batch = batch;
-  attention.heads = heads;
-  attention.kv_heads = kv_heads;
-  attention.dim = dim;
-  attention.max_blocks = shapes[kBlocks][1];
-  attention.block_size = block_size;
-  attention.rows_per_head = rows_per_head;
-  attention.scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  pool.Run(attention);
-  pool.Run(Products(context, batch, q_width).Add(in(kWo), residual, hidden));
-  for (int64_t i = 0; i < batch * hidden; ++i) residual[i] += in(kX)[i];
-  RmsNorm(residual, in(kNorm2), eps, batch, hidden, normed);
-  pool.Run(Products(normed, batch, hidden).Add(in(kW1), gate, inter).Add(in(kW3), up, inter));
-  for (int64_t i = 0; i < batch * inter; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-  pool.Run(Products(gate, batch, inter).Add(in(kW2), out, hidden));
-  for (int64_t i = 0; i < batch * hidden; ++i) out[i] += residual[i];
   return 0;
 }
