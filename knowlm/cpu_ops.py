@@ -1,6 +1,6 @@
 """knowlm's own CPU kernels for decoding (``csrc/decode.cpp``), built on first use as MindSpore AOT custom ops:
-a matrix-vector product (the lm_head), the final RMSNorm and a whole decoder layer for one new token per sequence;
-and, for training, the attention's RoPE and its gradient.
+a matrix-vector product (the lm_head), the final RMSNorm, a whole decoder layer for one new token per sequence and
+many greedy decode steps of a whole model; and, for training, the attention's RoPE and its gradient.
 
 Decoding multiplies one new token per sequence by every weight, so its speed is the memory bandwidth at which the
 weights stream. On the 2-core machine knowlm is measured on (a plain sum reads 28-32 GB/s), MindSpore's CPU

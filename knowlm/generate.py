@@ -3,9 +3,11 @@ loop ``KnowLMForCausalLM.generate`` runs off Ascend instead of MindFormers' own.
 
 MindFormers' loop spends 1-2 ms of Python per generated token around the model (asynchronous graph dispatch, logits
 reshaped by an eager op, the ids copied back from the device each step, per-step profiling and logging), which on
-the benchmark's small model was a fifth of a decode step (10.8 -> 8.8 ms). ``greedy_search`` makes the same calls
-of the same compiled graphs with the same inputs, so its tokens are MindFormers' (tested), and leaves every other
-kind of call (sampling, logits processors, dict outputs, model keyword arguments) to MindFormers.
+the benchmark's small model was a fifth of a decode step (10.8 -> 8.8 ms). ``greedy_search`` makes the same prefill
+call of the same compiled graph with the same inputs, then, where knowlm's kernels compute every layer, decodes up to
+32 tokens per call of one kernel (``knowlm.cpu_ops.DecodeSteps``: the decode-step graph's functions, argmax
+included), else one decode-step graph call per token, as MindFormers does. Its tokens are MindFormers' (tested).
+Every other kind of call (sampling, logits processors, dict outputs, model keyword arguments) goes to MindFormers.
 """
 import copy
 import time
@@ -78,7 +80,7 @@ def _logits(output, rows, starts):
 
 def greedy_search(model, input_ids, config, streamer=None):
     """Greedy decoding of ``input_ids`` (batch, width; right-padded with ``config.pad_token_id``) with ``model``'s
-    KV cache: one prefill graph call, then one decode-step call per token. Returns each row's ids, prompt included,
+    KV cache: one prefill graph call, then decode steps (``_decode``). Returns each row's ids, prompt included,
     as MindFormers' ``generate`` does (a row stops at an end-of-sequence token, ``max_new_tokens`` or
     ``max_length``, whichever comes first; ``max_length`` is capped at the model's ``seq_length``)."""
     seq_length = model.config.seq_length

@@ -9,8 +9,8 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
 2. KV cache (``use_past=True``): ``ApplyRotaryPosEmb``, ``ReshapeAndCache`` and ``PagedAttention`` are replaced
    by ``RotaryEmbeddingBSH``, ``KVCacheWrite`` and ``PagedAttentionReference`` below, written in plain
    MindSpore ops on a preallocated cache so that they compile in GRAPH mode;
-3. decoding: greedy calls run knowlm's own loop (``knowlm.generate.greedy_search``: same graphs, same tokens, 1-2 ms
-   less Python per token) with the argmax on the host; other calls run MindFormers' loop with the argmax on the host
+3. decoding: greedy calls run knowlm's own loop (``knowlm.generate.greedy_search``: same tokens, 1-2 ms less Python
+   per token; with knowlm's kernels, many decode steps per call); other calls run MindFormers' loop with the argmax on the host
    instead of ``mint.argmax`` and the sampling processors in numpy (``mint.topk``/``sort``/``cumsum`` have no CPU
    kernels); the final draw is numpy, so ``seed`` reproduces;
 4. execution: GRAPH mode, because MindSpore's default asynchronous PYNATIVE dispatch is 10-40x slower on CPU,
@@ -19,7 +19,8 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
    devices), which costs 15% of a LoRA step on CPU; RMSNorm and the attention softmax with gradients whose sums
    over the hidden/key axis are matmuls (``_row_sums``): the benchmark's small LoRA step 715 -> 635 ms;
 6. knowlm's kernels on CPU (``knowlm.cpu_ops``): a decode step (one new token per sequence) runs each decoder layer
-   as one op instead of ~50, the final norm and the lm_head at close to the memory bandwidth; without a KV cache
+   as one op instead of ~50, the final norm and the lm_head at close to the memory bandwidth, and greedy decoding
+   runs many such steps, argmax included, in one op (``DecodeSteps``); without a KV cache
    (training), the attention's RoPE is one op forward and one backward (small LoRA step ~640 -> ~595 ms).
 """
 import contextlib

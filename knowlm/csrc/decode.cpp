@@ -21,6 +21,7 @@
 // starve MindSpore's runtime threads (a decode step took 35 ms instead of 19 ms); these helpers, like MindSpore's,
 // yield while they wait, then sleep.
 #include <sched.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -31,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -60,6 +62,35 @@ inline float Dot(const float *a, const float *b, int64_t n) {
   return sum;
 }
 
+// Asks Linux to keep a weight on 2 MB pages, once per weight. A decode step reads every weight once, and on 4 KB pages
+// every 4 KB is a TLB miss: ~25 000 per token for the small benchmark model's layers, whose weights (1-3 MB) MindSpore
+// puts on the heap (numpy already asks for huge pages for arrays of 4 MB and more). Small decode step 5.9 -> 5.6 ms
+// (medians of 10 alternating processes each; faster in 8 of the 10 pairs). The advice covers the 2 MB pages around
+// the weight, falling back to those inside it where that range is not all mapped; neither changes what the memory
+// holds. MADV_COLLAPSE (Linux 6.1+) moves the weight to huge pages now; older kernels refuse it and khugepaged does
+// it later.
+void OnHugePages(const float *weight, int64_t count) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static std::mutex lock;
+  static std::set<const float *> done;
+  std::lock_guard<std::mutex> guard(lock);
+  if (!done.insert(weight).second) return;
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(weight), last = first + count * sizeof(float);
+  uintptr_t start = first & ~(kHuge - 1), end = (last + kHuge - 1) & ~(kHuge - 1);
+  if (madvise(reinterpret_cast<void *>(start), end - start, MADV_HUGEPAGE) != 0) {
+    start = (first + kHuge - 1) & ~(kHuge - 1);
+    end = last & ~(kHuge - 1);
+    if (end <= start || madvise(reinterpret_cast<void *>(start), end - start, MADV_HUGEPAGE) != 0) return;
+  }
+  constexpr int kCollapse = 25;       // MADV_COLLAPSE, which older C libraries do not name
+  madvise(reinterpret_cast<void *>(start), end - start, kCollapse);
+#else
+  (void)weight;
+  (void)count;
+#endif
+}
+
 struct Job {
   virtual void Part(int part, int parts) const = 0;
   virtual ~Job() = default;
@@ -79,6 +110,7 @@ struct Products : Job {
   Products(const float *x_, int64_t m_rows_, int64_t k_len_) : x(x_), m_rows(m_rows_), k_len(k_len_) {}
 
   Products &Add(const float *weight, float *out, int64_t rows) {
+    OnHugePages(weight, rows * k_len);
     w[count] = weight;
     y[count] = out;
     n[count] = rows;
