@@ -371,7 +371,7 @@ struct NewTokens {
   const float *cos, *sin;           // (batch, dim) at each sequence's new position
   const int32_t *valid;             // (batch,) length with the new token
   const int32_t *blocks;            // (batch, max_blocks) block tables
-  const int32_t *slots;             // (batch,) cache slot of the new token (-1: padding, written to each head's last row)
+  const int32_t *slots;             // (batch,) the new token's cache slot (-1: padding, written to each head's last row)
   int64_t max_blocks, block_size;
 };
 
@@ -544,7 +544,8 @@ extern "C" int KnowLMDecodeSteps(int nparam, void **params, int *ndims, int64_t 
   auto floats = [&](int i) { return static_cast<const float *>(params[i]); };
   const float *meta = floats(kMeta);
   const int64_t batch = shapes[kTokens][0], width = shapes[out_index][1], vocab = shapes[kHead][0];
-  const int64_t positions = shapes[kCos][0], max_blocks = shapes[kBlocks][1], block_size = static_cast<int64_t>(meta[2]);
+  const int64_t positions = shapes[kCos][0], max_blocks = shapes[kBlocks][1];
+  const int64_t block_size = static_cast<int64_t>(meta[2]);
   std::vector<Layer> weights(layers);
   for (int l = 0; l < layers; ++l) {
     if (!weights[l].Read(params, ndims, shapes, kLayers + l * Layer::kCount, static_cast<int64_t>(meta[0]))) return 3;
