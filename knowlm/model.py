@@ -11,8 +11,8 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
    MindSpore ops on a preallocated cache so that they compile in GRAPH mode;
 3. decoding: greedy calls run knowlm's own loop (``knowlm.generate.greedy_search``: same tokens, 1-2 ms less Python
    per token; with knowlm's kernels, many decode steps per call); other calls run MindFormers' loop with the argmax
-   on the host instead of ``mint.argmax`` and the sampling processors in numpy (``mint.topk``/``sort``/``cumsum`` have no CPU
-   kernels); the final draw is numpy, so ``seed`` reproduces;
+   on the host instead of ``mint.argmax`` and the sampling processors in numpy (``mint.topk``/``sort``/``cumsum``
+   have no CPU kernels); the final draw is numpy, so ``seed`` reproduces;
 4. execution: GRAPH mode, because MindSpore's default asynchronous PYNATIVE dispatch is 10-40x slower on CPU,
    with the generation graphs kept on disk (``compile_cache``) so that only a model's first run compiles;
 5. training: ``CrossEntropy`` below instead of MindFormers' one-hot cross-entropy (built for sharding over

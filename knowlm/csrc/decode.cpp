@@ -371,7 +371,7 @@ struct NewTokens {
   const float *cos, *sin;           // (batch, dim) at each sequence's new position
   const int32_t *valid;             // (batch,) length with the new token
   const int32_t *blocks;            // (batch, max_blocks) block tables
-  const int32_t *slots;             // (batch,) the new token's cache slot (-1: padding, written to each head's last row)
+  const int32_t *slots;             // (batch,) the new token's cache slot (-1: padding, to each head's last row)
   int64_t max_blocks, block_size;
 };
 
