@@ -21,15 +21,18 @@ from the median of the calls after it; one more knowlm decode process then repor
 the first one left in the run's compile cache (what a user's second ``knowlm generate`` pays).
 
 The hardware bound is measured in the same run: peak fp32 matmul FLOP/s (2048 x 2048, torch and numpy, 2 threads)
-and memory read bandwidth (sum over a 512 MB array: numpy, torch, and torch over numpy's memory, which numpy puts
+and memory read bandwidth (sum over a 256 MB array: numpy, torch, and torch over numpy's memory, which numpy puts
 on huge pages), the best of each. Each measure says which fraction of it a side reaches: model FLOPs / time / peak
 for prefill and training (matmuls only, attention counted as a full square), fp32 weight bytes read per token /
-decode-step time / bandwidth for decoding.
+decode-step time / bandwidth for decoding, where the bandwidth is the huge-page probe's best in the decode
+measure's own process, before each repeat and after the last (the machine's memory speed changes from minute to
+minute).
 
 Ratios are peer / knowlm (time, or peak RSS for conversion): above 1 means knowlm is faster (or smaller). Writes
 ``results.json`` (every comparison in a field whose name contains ``ratio``) and ``results.png`` to ``--out``.
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -66,6 +69,7 @@ TRAIN_BATCH, TRAIN_SEQ = 2, 256
 LORA_RANK, LORA_ALPHA, LEARNING_RATE, WEIGHT_DECAY = 8, 16, 1e-4, 0.01
 MEASURES = ("prefill", "decode", "train")
 VERSIONS = ("mindspore", "mindformers", "torch", "transformers", "peft", "numpy")
+READ_BYTES = 256 * 2**20    # memory read probes: far beyond the caches
 BUSY = 0.1                  # CPU cores used by other processes above which a measure is flagged as disturbed
 
 
@@ -156,6 +160,19 @@ def time_calls(call, repeats):
     return {"first_call_s": first, "median_s": statistics.median(times), "times_s": times}, result
 
 
+@functools.lru_cache(maxsize=None)
+def _huge_page_array():
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    return np.ones(READ_BYTES // 4, np.float32)
+
+
+def huge_page_read(torch):
+    """Bytes/s of torch summing READ_BYTES of numpy's memory, best of 5: numpy asks the kernel for huge pages for its
+    large arrays (madvise), torch's allocator does not, and this is the fastest plain read on the 2-core machine
+    (~70 GB/s in its fast phases, against ~35-41 GB/s on 4 KB pages)."""
+    return READ_BYTES / min(time_calls(torch.from_numpy(_huge_page_array()).sum, 5)[0]["times_s"])
+
+
 # --------------------------------------------------------------------------------------- child processes
 
 class TorchSide:
@@ -171,19 +188,15 @@ class TorchSide:
 
     def bounds(self):
         import numpy as np  # pylint: disable=import-outside-toplevel
-        torch, n, nbytes = self.torch, 2048, 512 * 2**20
+        torch, n = self.torch, 2048
         a, b = torch.randn(n, n), torch.randn(n, n)
         matmul = {"torch": min(time_calls(lambda: a @ b, 5)[0]["times_s"]),
                   "numpy": min(time_calls(lambda: np.matmul(a.numpy(), b.numpy()), 5)[0]["times_s"])}
-        # numpy asks the kernel for huge pages for its large arrays (madvise), torch's allocator does not: torch
-        # summing numpy's memory reads it fastest (on the 2-core machine ~70 GB/s, against ~35-41 GB/s on 4 KB pages).
-        array, tensor = np.ones(nbytes // 8), torch.ones(nbytes // 4)
-        huge = torch.from_numpy(np.ones(nbytes // 4, np.float32))
-        read = {"numpy": min(time_calls(array.sum, 5)[0]["times_s"]),
-                "torch": min(time_calls(tensor.sum, 5)[0]["times_s"]),
-                "torch_huge_pages": min(time_calls(huge.sum, 5)[0]["times_s"])}
-        return {"matmul_flops": {k: 2 * n**3 / s for k, s in matmul.items()},
-                "read_bytes_per_s": {k: nbytes / s for k, s in read.items()}}
+        array, tensor = np.ones(READ_BYTES // 8), torch.ones(READ_BYTES // 4)
+        read = {"numpy": READ_BYTES / min(time_calls(array.sum, 5)[0]["times_s"]),
+                "torch": READ_BYTES / min(time_calls(tensor.sum, 5)[0]["times_s"]),
+                "torch_huge_pages": huge_page_read(torch)}
+        return {"matmul_flops": {k: 2 * n**3 / s for k, s in matmul.items()}, "read_bytes_per_s": read}
 
     def prepare(self):
         """The shared weights: a LLaMA built with seed 0, saved as a Hugging Face directory with a tokenizer."""
@@ -284,11 +297,19 @@ class KnowLMSide:
             return logits
         return time_calls(forward, self.spec["repeats"]["prefill"])[0]
 
-    def decode(self):
+    def _generate(self):
         model = self._model(use_past=True, seq_length=PREFILL, batch_size=1)
         prompt = token_ids(PROMPT, self.config["vocab_size"], 2).tolist()
-        return decode_result(lambda new_tokens: model.generate([prompt], max_new_tokens=new_tokens, do_sample=False),
-                             lambda out: [int(t) for t in out[0][PROMPT:]], self.spec["repeats"]["decode"])
+        return lambda new_tokens: model.generate([prompt], max_new_tokens=new_tokens, do_sample=False)
+
+    def decode(self):
+        return decode_result(self._generate(), lambda out: [int(t) for t in out[0][PROMPT:]],
+                             self.spec["repeats"]["decode"])
+
+    def first_decode(self):
+        """The first ``generate`` call alone: in a second process, with the graphs the first left in the cache."""
+        generate = self._generate()
+        return {"first_call_s": timed(lambda: generate(NEW_TOKENS))[0]}
 
     def train(self):
         ms = self.ms
@@ -307,12 +328,25 @@ class KnowLMSide:
 
 def decode_result(generate, new_tokens_of, repeats):
     """Time ``generate(NEW_TOKENS)`` and ``generate(1)`` (the prefill and first token); the step time is their
-    difference over the NEW_TOKENS - 1 steps between."""
-    result, out = time_calls(lambda: generate(NEW_TOKENS), repeats)
-    single, _ = time_calls(lambda: generate(1), repeats)
-    result.update(tokens=new_tokens_of(out), single_token_median_s=single["median_s"],
-                  step_s=(result["median_s"] - single["median_s"]) / (NEW_TOKENS - 1))
-    return result
+    difference over the NEW_TOKENS - 1 steps between. The memory read bandwidth is probed before each repeat and
+    after the last (``huge_page_read``), and the best probe kept: this virtual machine's memory speed changes from
+    minute to minute (the same probe read 70 and, 10 minutes later, 37 GB/s), so the run's bound, probed once, does
+    not hold during every measure (a decode step measured at 105% of it)."""
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(THREADS)
+    first, out = timed(lambda: generate(NEW_TOKENS))
+    generate(1)
+    long, short, probes = [], [], []
+    for _ in range(repeats):
+        probes.append(huge_page_read(torch))
+        seconds, out = timed(lambda: generate(NEW_TOKENS))
+        long.append(seconds)
+        short.append(timed(lambda: generate(1))[0])
+    probes.append(huge_page_read(torch))
+    median = statistics.median
+    return {"first_call_s": first, "median_s": median(long), "times_s": long, "tokens": new_tokens_of(out),
+            "single_token_median_s": median(short), "step_s": (median(long) - median(short)) / (NEW_TOKENS - 1),
+            "read_bytes_per_s": max(probes), "read_probes_bytes_per_s": probes}
 
 
 SIDES = {"torch": TorchSide, "knowlm": KnowLMSide}
@@ -395,7 +429,7 @@ def run_config(name, plan, workdir, want_bounds, log):
             raw[side].update(run_child(side, tasks, name, plan, workdir, log))
     # A second process decoding with the same model loads the graphs the first one compiled.
     raw["knowlm"]["decode"]["first_call_cached_s"] = \
-        run_child("knowlm", ["decode"], name, plan, workdir, log)["decode"]["first_call_s"]
+        run_child("knowlm", ["first_decode"], name, plan, workdir, log)["first_decode"]["first_call_s"]
     measures = {m: {side: raw[side][m] for side in raw} for m in MEASURES}
     measures["convert"] = {"input": raw["torch"]["convert_input"],
                            **measure_conversion(workdir, plan.convert_repeats, log)}
@@ -418,10 +452,11 @@ def analyse(c, measures, bounds):
             entry[side]["fraction_of_peak_flops"] = flops[measure] / entry[side]["median_s"] / bounds["peak_flops"]
     decode = measures["decode"]
     decode["weight_bytes_per_token"] = 4 * sum(weight_counts(c))
-    decode["bound_step_s"] = decode["weight_bytes_per_token"] / bounds["bandwidth"]
     for side in ("knowlm", "torch"):
-        decode[side]["tokens_per_s"] = NEW_TOKENS / decode[side]["median_s"]
-        decode[side]["fraction_of_bandwidth"] = decode["bound_step_s"] / decode[side]["step_s"]
+        entry = decode[side]
+        entry["tokens_per_s"] = NEW_TOKENS / entry["median_s"]
+        entry["bound_step_s"] = decode["weight_bytes_per_token"] / entry["read_bytes_per_s"]
+        entry["fraction_of_bandwidth"] = entry["bound_step_s"] / entry["step_s"]
     decode["tokens_equal"] = decode["knowlm"]["tokens"] == decode["torch"]["tokens"]
     decode["step_ratio_torch_over_knowlm"] = decode["torch"]["step_s"] / decode["knowlm"]["step_s"]
     for measure in MEASURES:
@@ -469,7 +504,8 @@ def table(results) -> str:
                     + ["tokens equal" if dec["tokens_equal"] else "TOKENS DIFFER", ""])
         rows.append([name, "decode step", _s(dec["knowlm"]["step_s"]), _s(dec["torch"]["step_s"]),
                      f"{dec['step_ratio_torch_over_knowlm']:.2f}x", "", "",
-                     *(f"{dec[side]['fraction_of_bandwidth']:.0%} BW" for side in ("knowlm", "torch"))])
+                     *(f"{dec[side]['fraction_of_bandwidth']:.0%} of {dec[side]['read_bytes_per_s'] / 1e9:.0f} GB/s"
+                       for side in ("knowlm", "torch"))])
         rows.append(timing(name, f"LoRA step {TRAIN_BATCH}x{TRAIN_SEQ}", m["train"], "ratio_torch_over_knowlm",
                            lambda side: _s(side["median_s"])) + flops(m["train"]))
         rows.append([name, f"convert {conv['input']['bytes'] / 1e9:.2f} GB",
@@ -492,7 +528,8 @@ def table(results) -> str:
         "peer: transformers (+PEFT) for prefill/decode/LoRA, MindFormers' convert_pt_to_ms for convert; "
         "peer/knowlm > 1: knowlm faster (smaller); 1st: first call (knowlm: includes GRAPH compile; cached: "
         "in a second process, graphs loaded from the compile cache); "
-        "decode step: (t32 - t1) / 31; bound: FLOP = model FLOPs / time / peak, BW = bytes / time / bandwidth",
+        "decode step: (t32 - t1) / 31; bound: FLOP = model FLOPs / time / peak, BW = bytes / time / bandwidth; "
+        "decode step: weight bytes / step / the read bandwidth probed in its process during the measure (best)",
         *lines])
 
 
