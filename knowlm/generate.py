@@ -143,9 +143,9 @@ def _decode(model, ids, valid, limits, max_length, eos, streamer):
         counts = np.array([0 if done else min(chunk, end - length) for done, end, length in zip(finished, ends, valid)],
                           np.int32)
         start = time.perf_counter()
-        tokens = steps(*(Tensor.from_numpy(np.ascontiguousarray(array, np.int32)) for array in (
+        decoded = steps(*(Tensor.from_numpy(np.ascontiguousarray(array, np.int32)) for array in (
             last, valid, counts, _reserve(model.block_mgr, counts), [e for e in eos if e is not None] or [-1])))
-        columns = tokens.asnumpy().T[:counts.max()].tolist()
+        columns = decoded.asnumpy().T[:counts.max()].tolist()
         # As many steps per call as take ~CHUNK_SECONDS: more would hold off Ctrl-C and a streamer that long (the
         # first call's time includes compiling the steps graph).
         chunk = int(np.clip(CHUNK_SECONDS * counts.max() / (time.perf_counter() - start), 1, steps.STEPS))
