@@ -37,9 +37,9 @@ def fresh_library(monkeypatch, tmp_path):
 
 
 # Row counts up to GEMV_MAX_ROWS; widths not multiples of the kernel's 16 lanes, output sizes not multiples of its
-# 8-row groups, next to the model's own (512 wide).
+# 8-row groups, next to the model's own (512 wide); rows short enough to be read one at a time, and longer ones.
 @pytest.mark.parametrize("rows", [1, 3, GEMV_MAX_ROWS])
-@pytest.mark.parametrize("n_out, width", [(37, 40), (64, 512), (1001, 24)])
+@pytest.mark.parametrize("n_out, width", [(37, 40), (64, 512), (1001, 24), (37, 1100), (64, 2048)])
 def test_kernel_equals_numpy_product(rows, n_out, width):
     rng = np.random.default_rng(rows * n_out)
     x, weight = rng.standard_normal((rows, width), np.float32), rng.standard_normal((n_out, width), np.float32)
