@@ -10,10 +10,10 @@
 // - KnowLMDecodeSteps: up to N greedy decode steps of a whole model (embedding, those layers, final norm, lm_head,
 //   argmax) in one call, for generation without a graph call and a return to Python per token.
 //
-// Decoding reads every weight once per token, so memory bandwidth is the limit. Eight weight rows stream at once:
-// eight independent accumulators keep enough loads in flight to reach the machine's read bandwidth (measured on
-// 2 cores: 1 row at a time 12 GB/s, 8 rows 26-34 GB/s, a plain sum 32 GB/s). GCC/Clang vector extensions, so it
-// compiles to AVX-512/AVX2/NEON alike.
+// Decoding reads every weight once per token, so memory bandwidth is the limit: independent sums and software
+// prefetch keep enough loads in flight to reach the machine's read bandwidth (measured on 2 cores: one row at a time
+// with one sum 12 GB/s; short rows one after another with four sums, long rows eight at a time, 32-37 GB/s; a plain
+// sum 31-35 GB/s). GCC/Clang vector extensions, so it compiles to AVX-512/AVX2/NEON alike.
 //
 // Threads: work is split between the calling thread and helpers of our own, KnowLMSetThreads in all (knowlm.cpu_ops
 // passes OMP_NUM_THREADS as the process started with it: MindSpore sets the variable to 1 once it runs a graph, which
@@ -129,7 +129,7 @@ struct Products : Job {
   void Rows(int s, int64_t first) const {
     const float *rows = w[s] + first * k_len;
     // The next group's rows are fetched into L2 while this group streams: the hardware prefetcher alone restarts at
-    // every group, which held rows of 512 to 23 GB/s on the 2-core machine (29-31 GB/s with this).
+    // every group (rows of 512 read this way: 23 GB/s without, 29-31 GB/s with it).
     const float *ahead = first + 2 * R <= n[s] ? rows + R * k_len : rows;
     for (int64_t m = 0; m < m_rows; ++m) {
       const float *xm = x + m * k_len;
