@@ -7,7 +7,7 @@ weights stream. On the 2-core machine knowlm is measured on (a plain sum reads 2
 ``MatMul`` streams such products at 15-19 GB/s inside a decode step and these kernels at 30-35 GB/s (standalone);
 with each layer one op, the benchmark's decode step went from 80.6 to 31-47 ms on its large config (the machine's
 memory speed varies from minute to minute) and from 18.3 to 6.6-7.5 ms on its small one (with knowlm's greedy loop,
-``knowlm.generate.greedy_search``), and to ~6.1 ms with many steps per call (``DecodeSteps``).
+``knowlm.generate.greedy_search``), and to 5.5-6.1 ms with many steps per call (``DecodeSteps``).
 
 The library is compiled with the system's C++ compiler (``$CXX``, else ``c++``) into knowlm's cache folder, once
 per source and machine; its threads: ``kernel_threads()``. Without a compiler, or with ``KNOWLM_CPU_KERNELS=0``, the
