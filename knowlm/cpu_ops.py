@@ -190,16 +190,19 @@ class FusedDecodeLayer(LLamaDecodeLayer):
     def construct(self, x, freqs_cis, mask=None, batch_valid_length=None, block_tables=None, slot_mapping=None,
                   prefix_keys_values=None, q_seq_lens=None, kv_mask=None, seq_chunk=None, actual_seq_len=None):
         if x.ndim == 3 and x.shape[1] == 1 and prefix_keys_values is None:
-            attention, ffn = self.attention, self.feed_forward
-            cache = attention.infer_attention.paged_attention_mgr
-            out = self.decode_kernel(x.reshape(x.shape[0], x.shape[2]), self.attention_norm.weight,
-                                     attention.wq.weight, attention.wk.weight, attention.wv.weight,
-                                     attention.wo.weight, self.ffn_norm.weight, ffn.w1.weight, ffn.w2.weight,
-                                     ffn.w3.weight, cache.key_cache, cache.value_cache, freqs_cis[0], freqs_cis[1],
-                                     batch_valid_length, block_tables, slot_mapping, self.decode_meta)
+            out = self.decode_kernel(x.reshape(x.shape[0], x.shape[2]), *self.kernel_inputs(), freqs_cis[0],
+                                     freqs_cis[1], batch_valid_length, block_tables, slot_mapping, self.decode_meta)
             return out.reshape(x.shape)
         return super().construct(x, freqs_cis, mask, batch_valid_length, block_tables, slot_mapping,
                                  prefix_keys_values, q_seq_lens, kv_mask, seq_chunk, actual_seq_len)
+
+    def kernel_inputs(self):
+        """The layer's weights and KV cache in the order the kernels take them (``Layer`` in csrc/decode.cpp)."""
+        attention, ffn = self.attention, self.feed_forward
+        cache = attention.infer_attention.paged_attention_mgr
+        return (self.attention_norm.weight, attention.wq.weight, attention.wk.weight, attention.wv.weight,
+                attention.wo.weight, self.ffn_norm.weight, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight,
+                cache.key_cache, cache.value_cache)
 
 
 def fuse_decode_layer(layer, library) -> bool:
@@ -242,11 +245,7 @@ class DecodeSteps(nn.Cell):
     def construct(self, tokens, valid, steps, block_tables, eos):
         weights = ()
         for layer in self.layers:
-            attention, ffn = layer.attention, layer.feed_forward
-            cache = attention.infer_attention.paged_attention_mgr
-            weights += (layer.attention_norm.weight, attention.wq.weight, attention.wk.weight, attention.wv.weight,
-                        attention.wo.weight, layer.ffn_norm.weight, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight,
-                        cache.key_cache, cache.value_cache)
+            weights += layer.kernel_inputs()
         return self.kernel(tokens, valid, steps, block_tables, eos, self.embedding.embedding_weight, self.cos,
                            self.sin, self.norm.weight, self.lm_head.weight, self.meta, *weights)
 
