@@ -41,9 +41,10 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int kRows = 8;
 // Rows of up to kShortRow values are read one after another, as one sequential stream, kAhead values prefetched ahead
-// into L2; longer ones kRows at a time. Measured on the 2-core machine (standalone, 170 MB of weights on huge pages,
-// a plain 2-thread sum reading 31-34 GB/s): rows of 512 (the small benchmark model's lm_head) 26-31 GB/s kRows at a
-// time, 32-34 GB/s one after another; rows of 1376 and 5504 33-37 GB/s kRows at a time, 31-33 one after another.
+// into L2; longer ones kRows at a time (a last group of fewer rows one after another). Measured on the 2-core
+// machine (standalone, 170 MB of weights on huge pages, a plain 2-thread sum reading 31-34 GB/s): rows of 512 (the
+// small benchmark model's lm_head) 26-31 GB/s kRows at a time, 32-34 GB/s one after another; rows of 1376 and 5504
+// 33-37 GB/s kRows at a time, 31-33 one after another.
 constexpr int64_t kShortRow = 1024;
 constexpr int64_t kAhead = 2048;
 constexpr int kUnroll = 4;
@@ -125,11 +126,12 @@ struct Products : Job {
     return *this;
   }
 
-  template <int R>
+  // Weight rows first..first + kRows of weight s against every row of x, one sum per row.
   void Rows(int s, int64_t first) const {
+    constexpr int R = kRows;
     const float *rows = w[s] + first * k_len;
     // The next group's rows are fetched into L2 while this group streams: the hardware prefetcher alone restarts at
-    // every group (rows of 512 read this way: 23 GB/s without, 29-31 GB/s with it).
+    // every group (rows of 512, when they were read this way: 23 GB/s without, 29-31 GB/s with it).
     const float *ahead = first + 2 * R <= n[s] ? rows + R * k_len : rows;
     for (int64_t m = 0; m < m_rows; ++m) {
       const float *xm = x + m * k_len;
@@ -182,12 +184,10 @@ struct Products : Job {
     for (int64_t g = first; g < last; ++g) {
       while (g - base >= groups[s]) base += groups[s++];
       const int64_t row = (g - base) * kRows;
-      if (k_len <= kShortRow) {
-        for (int64_t r = row; r < std::min(row + kRows, n[s]); ++r) Row(s, r);
-      } else if (row + kRows <= n[s]) {
-        Rows<kRows>(s, row);
+      if (k_len > kShortRow && row + kRows <= n[s]) {
+        Rows(s, row);
       } else {
-        for (int64_t r = row; r < n[s]; ++r) Rows<1>(s, r);
+        for (int64_t r = row; r < std::min(row + kRows, n[s]); ++r) Row(s, r);
       }
     }
   }
