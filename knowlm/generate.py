@@ -129,6 +129,7 @@ def _decode(model, ids, valid, limits, max_length, eos, streamer):
     # step computed; more rows than GEMV_MAX_ROWS take MatMul, not the kernel's product, in the decode-step graph.
     steps = model.__dict__.get("decode_steps") if (streamer is None or batch == 1) and batch <= GEMV_MAX_ROWS \
         else None
+    eos_ids = [token for token in eos if token is not None] or [-1]      # -1: no token stops a row
     chunk = 1
     while True:
         for tokens in columns:
@@ -144,7 +145,7 @@ def _decode(model, ids, valid, limits, max_length, eos, streamer):
                           np.int32)
         start = time.perf_counter()
         decoded = steps(*(Tensor.from_numpy(np.ascontiguousarray(array, np.int32)) for array in (
-            last, valid, counts, _reserve(model.block_mgr, counts), [e for e in eos if e is not None] or [-1])))
+            last, valid, counts, _reserve(model.block_mgr, counts), eos_ids)))
         columns = decoded.asnumpy().T[:counts.max()].tolist()
         # As many steps per call as take ~CHUNK_SECONDS: more would hold off Ctrl-C and a streamer that long (the
         # first call's time includes compiling the steps graph).
