@@ -100,7 +100,7 @@ def child(which, source, output):
     """Runs in the subprocess: import, note RSS, convert, report one JSON line."""
     os.environ.setdefault("GLOG_v", "3")
     if which == "knowlm":
-        from knowlm.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
+        from knowlm.checkpoints.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
 
         def run():
             convert_checkpoint(source, output, prefer="bin")

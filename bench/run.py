@@ -1,9 +1,9 @@
 """Benchmark (not a test): knowlm against Hugging Face transformers + PEFT on CPU, read against the hardware.
 
-    python bench/run.py [--quick] [--out DIR] [--config small|large|both]        (or: knowlm bench ...)
+    python bench/run.py [--quick] [--out DIR] [--config small|large|both]        
 
 For each config both sides get the same random LLaMA weights (built in torch with a fixed seed, saved as a
-Hugging Face directory and converted by ``knowlm.convert``), fp32, 2 threads each, and run:
+Hugging Face directory and converted by ``knowlm.checkpoints.convert``), fp32, 2 threads each, and run:
 
 1. prefill: forward of 1 x 128 tokens (knowlm: ``use_past=False``, ``seq_length=128``);
 2. decode: greedy 32 new tokens after a 96-token prompt with a KV cache (knowlm: ``use_past=True``,
@@ -275,7 +275,7 @@ class KnowLMSide:
         self.model_dir = Path(spec["workdir"]) / "knowlm"
 
     def prepare(self):
-        from knowlm.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
+        from knowlm.checkpoints.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
         if (self.model_dir / "config.json").is_file():
             return {}
         return {"convert_s": timed(lambda: convert_checkpoint(Path(self.spec["workdir"]) / "hf",
@@ -314,7 +314,7 @@ class KnowLMSide:
     def train(self):
         ms = self.ms
         from mindformers.pet import LoraConfig, get_pet_model  # pylint: disable=import-outside-toplevel
-        from knowlm.train import KnowLMTrainOneStepCell  # pylint: disable=import-outside-toplevel
+        from knowlm.train.finetune import KnowLMTrainOneStepCell  # pylint: disable=import-outside-toplevel
         model = get_pet_model(self._model(use_past=False, seq_length=TRAIN_SEQ, batch_size=TRAIN_BATCH),
                               LoraConfig(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                          target_modules=".*wq|.*wv"))

@@ -1,30 +1,46 @@
 """knowlm: the KnowLM models (zjunlp) as a MindSpore + MindFormers model-zoo plugin.
 
-Importing this package registers ``KnowLMConfig``, ``KnowLMForCausalLM`` and ``KnowLMTokenizer`` with
-MindFormers (yaml ``type:`` names, ``AutoConfig``/``AutoModel``) and the pipeline names ``knowlm_13b_base``,
-``knowlm_13b_zhixi``, ``knowlm_13b_ie`` and ``knowlm_tiny``.
+Importing ``knowlm`` loads nothing heavy: its public names resolve on first use. ``KnowLMConfig``,
+``KnowLMForCausalLM`` and ``KnowLMTokenizer`` come from ``knowlm.models.registry``, whose import registers them
+(and the pipeline names ``knowlm_13b_base``, ``knowlm_13b_zhixi``, ``knowlm_13b_ie``, ``knowlm_tiny``) with
+MindFormers.
+
+==============  ============================================================================================
+package         what lives there
+==============  ============================================================================================
+models          the model, its CPU layers and kernels, decoding, MindFormers registration, ``load_model``
+checkpoints     the weight-name table, Hugging Face / MindSpore / LoRA checkpoints, model directories
+tokenizer       the SentencePiece tokenizer and the chat templates
+train           instruction data, fine-tuning, launch checks
+ie              information extraction: prompts, parsing, scoring, training data from knowledge graphs
+==============  ============================================================================================
+
+Beside them: ``cli`` (the ``knowlm`` command), ``generate`` (text in, text out), ``quickstart``, ``runtime``
+(MindSpore's mode and compile cache), ``files`` (names and atomic writes), ``errors``.
 """
-import contextlib
-import os
-import sys
-
-# MindSpore reads its C++ log level once, when it loads. The `knowlm` command shows its errors only: otherwise
-# every run prints MindSpore's compile-cache notices (knowlm.model.compile_cache). Importers keep their setting.
-if os.path.basename(sys.argv[0]) == "knowlm" and "mindspore" not in sys.modules:
-    os.environ.setdefault("GLOG_v", "3")
-
-# MindFormers creates its log handler on first use, which its import already triggers, writing to stdout.
-# knowlm's commands print their results on stdout, so MindFormers' log is sent to stderr instead.
-with contextlib.redirect_stdout(sys.stderr):
-    import mindformers  # noqa: F401  pylint: disable=unused-import
-
-from knowlm.config import PRESETS, KnowLMConfig  # noqa: E402
-from knowlm.errors import KnowLMError  # noqa: E402
-from knowlm.model import KnowLMForCausalLM  # noqa: E402
-from knowlm.registry import register_pipelines  # noqa: E402
-from knowlm.tokenizer import KnowLMTokenizer  # noqa: E402
-
-register_pipelines()
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["KnowLMConfig", "KnowLMForCausalLM", "KnowLMTokenizer", "KnowLMError", "PRESETS"]
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "KnowLMConfig": "knowlm.models.registry",
+    "KnowLMForCausalLM": "knowlm.models.registry",
+    "KnowLMTokenizer": "knowlm.models.registry",
+    "PRESETS": "knowlm.models.config",
+    "KnowLMError": "knowlm.errors",
+    "load_model": "knowlm.models.load",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'knowlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

@@ -1,18 +1,34 @@
-"""The ``knowlm`` command: one verb per job, each a thin layer over a library function."""
+"""The ``knowlm`` command: one verb per job, each a thin layer over a library function.
+
+Verbs import what they use when they run, so that ``knowlm --help`` and ``--version`` answer at once and verbs that
+need no model (evaluate, kg2instruct, rank-table) never load MindSpore.
+"""
 import argparse
+import contextlib
 import logging
+import os
 import sys
 
+from knowlm import __version__
+from knowlm.errors import KnowLMError
 
-def _quiet_frameworks():
-    # MindFormers logs every INFO line of model building and training; the commands keep its warnings only.
-    from mindformers.tools.logger import get_logger  # pylint: disable=import-outside-toplevel
+
+def _frameworks():
+    """Load MindSpore and MindFormers quietly: MindSpore's C++ log at errors only (read once, when it loads), and
+    MindFormers' log, which its import starts on stdout, at warnings on stderr: results go to stdout."""
+    if "mindspore" not in sys.modules:
+        os.environ.setdefault("GLOG_v", "3")
+    with contextlib.redirect_stdout(sys.stderr):
+        from mindformers.tools.logger import get_logger
     get_logger().setLevel(logging.WARNING)
 
 
+# ------------------------------------------------------------------------------------------------ models
+
 def cmd_generate(args):
-    from knowlm.generate import generate  # pylint: disable=import-outside-toplevel
-    from knowlm.pretrained import RANDOM_INIT_PRESETS, load_model  # pylint: disable=import-outside-toplevel
+    _frameworks()
+    from knowlm.generate import generate
+    from knowlm.models.load import RANDOM_INIT_PRESETS, load_model
     if args.model in RANDOM_INIT_PRESETS:
         print(f"knowlm: preset {args.model!r} has random weights (seed {args.seed or 0}): its text is noise; "
               "pass a converted model directory for real output", file=sys.stderr)
@@ -24,147 +40,7 @@ def cmd_generate(args):
         print(prompt + text)
 
 
-def cmd_prepare_data(args):
-    from knowlm.data import prepare_data  # pylint: disable=import-outside-toplevel
-    from knowlm.tokenizer import KnowLMTokenizer  # pylint: disable=import-outside-toplevel
-    report = prepare_data(args.input, KnowLMTokenizer(vocab_file=args.tokenizer), args.output, args.seq_length,
-                          skip_bad=args.skip_bad, force=args.force)
-    for problem in report.problems:
-        print(f"skipped {problem}", file=sys.stderr)
-    print(f"prepare-data: {args.output}: {report.summary()}")
-
-
-def cmd_finetune(args):
-    from knowlm.train import finetune  # pylint: disable=import-outside-toplevel
-    finetune(args.config, resume=args.resume, max_steps=args.max_steps, export_merged=args.export_merged,
-             **_shaping(args))
-
-
-def _shaping(args):
-    return dict(data=args.data, base=args.base, output_dir=args.output_dir,
-                overrides=dict(_key_value(item) for item in args.set))
-
-
-def _key_value(item):
-    from knowlm.errors import KnowLMError  # pylint: disable=import-outside-toplevel
-    import yaml  # pylint: disable=import-outside-toplevel
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise KnowLMError(f"--set {item!r}: expected KEY=VALUE, e.g. parallel_config.data_parallel=2")
-    return key, yaml.safe_load(value)
-
-
-def cmd_check_config(args):
-    from knowlm.errors import KnowLMError  # pylint: disable=import-outside-toplevel
-    from knowlm.launch import check_config  # pylint: disable=import-outside-toplevel
-    problems = check_config(args.config, devices=args.devices, **_shaping(args))
-    if problems:
-        raise KnowLMError("; ".join(problems))
-    print(f"check-config: {args.config}: ready" + (f" for {args.devices} device(s)" if args.devices else ""))
-
-
-def cmd_rank_table(args):
-    from knowlm.launch import parse_devices, rank_table  # pylint: disable=import-outside-toplevel
-    table = rank_table(parse_devices(args.devices), args.output, server_ip=args.server_ip,
-                       device_ips=args.device_ips.split(",") if args.device_ips else None, force=args.force)
-    print(f"rank-table: {args.output}: {len(table['server_list'][0]['device'])} devices")
-
-
-def cmd_extract(args):
-    from knowlm.ie.extract import extract_file, model_generator  # pylint: disable=import-outside-toplevel
-    from knowlm.ie.prompts import default_family  # pylint: disable=import-outside-toplevel
-    generate = model_generator(args.model, args.batch_size, max_new_tokens=args.max_new_tokens,
-                               repetition_penalty=args.repetition_penalty)
-    written, skipped = extract_file(generate, args.input, args.output, args.task, args.schema, resume=args.resume,
-                                    batch_size=args.batch_size, family=args.family or default_family(args.model),
-                                    chat=args.chat, **_ie_prompting(args))
-    print(f"extract: {args.output}: {written} records written" + (f", {skipped} already there" if skipped else ""))
-
-
-def cmd_evaluate(args):
-    from pathlib import Path  # pylint: disable=import-outside-toplevel
-    from knowlm.ie.evaluate import evaluate, format_table  # pylint: disable=import-outside-toplevel
-    from knowlm.pretrained import write_json  # pylint: disable=import-outside-toplevel
-    scores = evaluate(args.pred, args.gold, task=args.task, by=args.by, match_mode=args.match_mode, fmt=args.format)
-    print(format_table(scores))
-    if args.output:
-        write_json(Path(args.output), scores)
-
-
-def cmd_kg2instruct(args):
-    from knowlm.ie.kg2instruct import kg2instruct_file  # pylint: disable=import-outside-toplevel
-    count = kg2instruct_file(args.input, args.output, schema_path=args.schema, family=args.family,
-                             neg_ratio=args.neg_ratio, seed=args.seed, **_ie_prompting(args))
-    print(f"kg2instruct: {args.output}: {count} samples")
-
-
-def _ie_prompting(args):
-    return dict(language=args.language, template=args.template, fmt=args.format, split_num=args.split_num)
-
-
-def _template(value):
-    if value == "random":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a template number or 'random'") from None
-
-
-def cmd_convert(args):
-    from knowlm.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
-    print(convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
-                             check_finite=args.check_finite, echo=print))
-
-
-def cmd_export(args):
-    from knowlm.convert import export_checkpoint  # pylint: disable=import-outside-toplevel
-    print(export_checkpoint(args.model_dir, args.hf_dir, force=args.force, echo=print))
-
-
-def cmd_merge_lora(args):
-    from knowlm.convert_lora import merge_lora  # pylint: disable=import-outside-toplevel
-    print(merge_lora(args.base_dir, args.lora, args.out_dir, lora_config=args.lora_config, force=args.force,
-                     echo=print))
-
-
-def cmd_import_peft(args):
-    from knowlm.convert_lora import import_peft_adapter  # pylint: disable=import-outside-toplevel
-    print(import_peft_adapter(args.peft_dir, args.out_dir, force=args.force, echo=print))
-
-
-def cmd_bench(args):
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    from pathlib import Path  # pylint: disable=import-outside-toplevel
-    from knowlm.errors import KnowLMError  # pylint: disable=import-outside-toplevel
-    script = Path(__file__).resolve().parents[1] / "bench" / "run.py"
-    if not script.is_file():
-        raise KnowLMError(f"{script}: not found; `knowlm bench` runs from a source checkout (pip install -e .)")
-    spec = importlib.util.spec_from_file_location("knowlm_bench", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--config", args.config, *(["--quick"] if args.quick else []),
-                *(["--out", args.out] if args.out else [])])
-
-
-def cmd_quickstart(args):
-    from knowlm.quickstart import quickstart, report  # pylint: disable=import-outside-toplevel
-    steps = {"steps": args.steps} if args.steps is not None else {}
-    print(report(quickstart(workdir=args.workdir, seed=args.seed, keep=args.keep, **steps)))
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(prog="knowlm", description=__doc__)
-    verbs = parser.add_subparsers(dest="verb", required=True)
-
-    start = verbs.add_parser("quickstart", help="the whole workflow on a built-in default: convert, finetune, "
-                                                "extract and score, on CPU in minutes")
-    start.add_argument("--workdir", help="keep every intermediate file here (an empty or new folder)")
-    start.add_argument("--steps", type=int, help="fine-tuning steps (default: what fits in about 4 minutes)")
-    start.add_argument("--seed", type=int, default=0)
-    start.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
-    start.set_defaults(run=cmd_quickstart)
-
+def add_generate(verbs):
     gen = verbs.add_parser("generate", help="continue one or more prompts")
     gen.add_argument("prompt", nargs="+", help="prompt text; several prompts run as one batch")
     gen.add_argument("--model", default="tiny",
@@ -180,93 +56,34 @@ def build_parser():
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
     gen.set_defaults(run=cmd_generate)
 
-    prep = verbs.add_parser("prepare-data", help="instruction JSON/JSONL -> MindRecord training samples")
-    prep.add_argument("--input", required=True, help="Alpaca-style JSON or JSONL (instruction, input, output)")
-    prep.add_argument("--tokenizer", required=True, help="tokenizer.model or a model directory")
-    prep.add_argument("--output", required=True, help="MindRecord file to write")
-    prep.add_argument("--seq-length", type=int, required=True, help="the model's seq_length in training")
-    prep.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
-    prep.add_argument("--force", action="store_true", help="overwrite an existing output")
-    prep.set_defaults(run=cmd_prepare_data)
 
-    # Options that shape a training config, shared by finetune and check-config (the launchers pass both).
-    shaping = argparse.ArgumentParser(add_help=False)
-    shaping.add_argument("--data", help="MindRecord from prepare-data (else the yaml's dataset_dir)")
-    shaping.add_argument("--base", help="model directory or checkpoint to adapt (else the yaml's)")
-    shaping.add_argument("--output-dir", help="where logs and checkpoints go (else the yaml's output_dir)")
-    shaping.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a yaml value, e.g. --set parallel_config.data_parallel=2")
+def cmd_convert(args):
+    _frameworks()
+    from knowlm.checkpoints.convert import convert_checkpoint
+    print(convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
+                             check_finite=args.check_finite, echo=print))
 
-    tune = verbs.add_parser("finetune", parents=[shaping],
-                            help="LoRA or full fine-tuning with MindFormers' Trainer")
-    tune.add_argument("--config", required=True, help="finetune yaml, e.g. configs/tiny/finetune_lora.yaml")
-    tune.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    tune.add_argument("--max-steps", type=int, help="stop after this many steps")
-    tune.add_argument("--export-merged", metavar="DIR",
-                      help="at the end, write the trained model (LoRA merged) as a model directory")
-    tune.set_defaults(run=cmd_finetune)
 
-    check = verbs.add_parser("check-config", parents=[shaping], help="validate a yaml before launching it")
-    check.add_argument("config")
-    check.add_argument("--devices", type=int, help="number of devices that will run it")
-    check.set_defaults(run=cmd_check_config)
+def cmd_export(args):
+    _frameworks()
+    from knowlm.checkpoints.convert import export_checkpoint
+    print(export_checkpoint(args.model_dir, args.hf_dir, force=args.force, echo=print))
 
-    table = verbs.add_parser("rank-table", help="write the HCCL rank-table JSON for one Ascend server")
-    table.add_argument("--devices", default="0-8", help="START-END (end exclusive) or a comma list; default 0-8")
-    table.add_argument("--output", default="hccl_8p.json")
-    table.add_argument("--server-ip", help="this host's IP (default: resolved from the host name)")
-    table.add_argument("--device-ips", help="comma list, one per device (default: read with hccn_tool)")
-    table.add_argument("--force", action="store_true")
-    table.set_defaults(run=cmd_rank_table)
 
-    # How extraction prompts are built, shared by extract and kg2instruct (knowlm.ie.prompts).
-    prompting = argparse.ArgumentParser(add_help=False)
-    prompting.add_argument("--language", default="auto",
-                           help="zh, en, or auto: each record's 'lang', else zh for text with Chinese characters")
-    prompting.add_argument("--template", type=_template, default=0,
-                           help="knowlm family: template number, or 'random' (one per sample); default 0")
-    prompting.add_argument("--format", help="answer format (knowlm.ie.formats): tuple (default), relation_first, "
-                                            "json_list, ...; the oneke family has only oneke")
-    prompting.add_argument("--split-num", type=int,
-                           help="schema items per prompt, -1 for all in one; default IEPile's (RE/EE 4, NER 6)")
+def cmd_merge_lora(args):
+    _frameworks()
+    from knowlm.checkpoints.lora import merge_lora
+    print(merge_lora(args.base_dir, args.lora, args.out_dir, lora_config=args.lora_config, force=args.force,
+                     echo=print))
 
-    ext = verbs.add_parser("extract", parents=[prompting], help="extract relations, entities or events with a model")
-    ext.add_argument("--model", required=True, help="model directory, yaml file, pipeline name or 'tiny'")
-    ext.add_argument("--task", default="re", help="re (relations, default), ner (entities) or ee (events)")
-    ext.add_argument("--schema", required=True,
-                     help="JSON list of relation / entity type names (ee: event objects), or {lang: list}")
-    ext.add_argument("--input", required=True, help="JSONL records with 'id' and 'text' (optional 'source', 'lang')")
-    ext.add_argument("--output", required=True, help="JSONL, one line per record, written as it goes")
-    ext.add_argument("--resume", action="store_true", help="continue an existing output, skipping its ids")
-    ext.add_argument("--batch-size", type=int, default=4, help="prompts generated together; default 4")
-    ext.add_argument("--family", choices=("knowlm", "oneke"),
-                     help="prompt family; default from the model name: oneke for *oneke*, else knowlm")
-    ext.add_argument("--chat", choices=("alpaca", "llama2"), help="chat template; default the family's")
-    ext.add_argument("--max-new-tokens", type=int, default=256)
-    ext.add_argument("--repetition-penalty", type=float, default=1.0)
-    ext.set_defaults(run=cmd_extract)
 
-    ev = verbs.add_parser("evaluate", help="precision / recall / F1 of predictions against gold, IEPile-style")
-    ev.add_argument("--pred", required=True, help="JSONL predictions (knowlm extract output, or raw 'output' lines)")
-    ev.add_argument("--gold", required=True, help="JSONL gold records (InstructIE, or IEPile with 'label')")
-    ev.add_argument("--task", default="re", help="re (default), ner or ee")
-    ev.add_argument("--by", help="also score per value of this gold field, e.g. source")
-    ev.add_argument("--match-mode", default="normal", help="normal (duplicates count, default) or set")
-    ev.add_argument("--format", default="oneke", help="answer format of raw 'output' predictions; default oneke")
-    ev.add_argument("--output", help="write the scores here as JSON")
-    ev.set_defaults(run=cmd_evaluate)
+def cmd_import_peft(args):
+    _frameworks()
+    from knowlm.checkpoints.lora import import_peft_adapter
+    print(import_peft_adapter(args.peft_dir, args.out_dir, force=args.force, echo=print))
 
-    kg = verbs.add_parser("kg2instruct", parents=[prompting],
-                          help="relation-extraction instruction data from InstructIE records")
-    kg.add_argument("--input", required=True, help="JSONL records {id, text, relation: [{head, relation, tail}]}")
-    kg.add_argument("--output", required=True, help="JSONL instruction samples for prepare-data")
-    kg.add_argument("--family", choices=("knowlm", "oneke"), default="knowlm", help="prompt family; default knowlm")
-    kg.add_argument("--schema", help="relations to ask about (list or {lang: list}); default those in the input")
-    kg.add_argument("--neg-ratio", type=float, default=1.0,
-                    help="probability of asking about each absent relation; default 1 (all, as IEPile)")
-    kg.add_argument("--seed", type=int, default=42)
-    kg.set_defaults(run=cmd_kg2instruct)
 
+def add_checkpoints(verbs):
     conv = verbs.add_parser("convert", help="Hugging Face LLaMA directory (.bin or .safetensors) -> knowlm model")
     conv.add_argument("hf_dir")
     conv.add_argument("out_dir", help="knowlm model directory to write (a name ending in .ckpt: one checkpoint file)")
@@ -291,14 +108,225 @@ def build_parser():
     peft.add_argument("peft_dir")
     peft.add_argument("out_dir")
     peft.set_defaults(run=cmd_import_peft)
-    bench = verbs.add_parser("bench", help="speed against Hugging Face transformers + PEFT on this CPU (bench/run.py)")
-    bench.add_argument("--quick", action="store_true",
-                       help="the small config with 4 layers, fewer repeats, 100 MB conversion (under a minute)")
-    bench.add_argument("--config", choices=("small", "large", "both"), default="both")
-    bench.add_argument("--out", help="folder for results.json and results.png (default: bench/results/)")
-    bench.set_defaults(run=cmd_bench)
     for verb in (conv, export, merge, peft):
         verb.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def cmd_prepare_data(args):
+    _frameworks()
+    from knowlm.tokenizer.spm import KnowLMTokenizer
+    from knowlm.train.data import prepare_data
+    report = prepare_data(args.input, KnowLMTokenizer(vocab_file=args.tokenizer), args.output, args.seq_length,
+                          skip_bad=args.skip_bad, force=args.force)
+    for problem in report.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    print(f"prepare-data: {args.output}: {report.summary()}")
+
+
+def cmd_finetune(args):
+    _frameworks()
+    from knowlm.train.finetune import finetune
+    finetune(args.config, resume=args.resume, max_steps=args.max_steps, export_merged=args.export_merged,
+             **_shaping(args))
+
+
+def cmd_check_config(args):
+    _frameworks()
+    from knowlm.train.launch import check_config
+    problems = check_config(args.config, devices=args.devices, **_shaping(args))
+    if problems:
+        raise KnowLMError("; ".join(problems))
+    print(f"check-config: {args.config}: ready" + (f" for {args.devices} device(s)" if args.devices else ""))
+
+
+def cmd_rank_table(args):
+    from knowlm.train.launch import parse_devices, rank_table
+    table = rank_table(parse_devices(args.devices), args.output, server_ip=args.server_ip,
+                       device_ips=args.device_ips.split(",") if args.device_ips else None, force=args.force)
+    print(f"rank-table: {args.output}: {len(table['server_list'][0]['device'])} devices")
+
+
+def _shaping(args):
+    return dict(data=args.data, base=args.base, output_dir=args.output_dir,
+                overrides=dict(_key_value(item) for item in args.set))
+
+
+def _key_value(item):
+    import yaml
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise KnowLMError(f"--set {item!r}: expected KEY=VALUE, e.g. parallel_config.data_parallel=2")
+    return key, yaml.safe_load(value)
+
+
+def add_training(verbs):
+    prep = verbs.add_parser("prepare-data", help="instruction JSON/JSONL -> MindRecord training samples")
+    prep.add_argument("--input", required=True, help="Alpaca-style JSON or JSONL (instruction, input, output)")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer.model or a model directory")
+    prep.add_argument("--output", required=True, help="MindRecord file to write")
+    prep.add_argument("--seq-length", type=int, required=True, help="the model's seq_length in training")
+    prep.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
+    prep.add_argument("--force", action="store_true", help="overwrite an existing output")
+    prep.set_defaults(run=cmd_prepare_data)
+
+    # Options that shape a training config, shared by finetune and check-config (the launchers pass both).
+    shaping = argparse.ArgumentParser(add_help=False)
+    shaping.add_argument("--data", help="MindRecord from prepare-data (else the yaml's dataset_dir)")
+    shaping.add_argument("--base", help="model directory or checkpoint to adapt (else the yaml's)")
+    shaping.add_argument("--output-dir", help="where logs and checkpoints go (else the yaml's output_dir)")
+    shaping.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a yaml value, e.g. --set parallel_config.data_parallel=2")
+
+    tune = verbs.add_parser("finetune", parents=[shaping], help="LoRA or full fine-tuning with MindFormers' Trainer")
+    tune.add_argument("--config", required=True, help="finetune yaml, e.g. knowlm/configs/tiny/finetune_lora.yaml")
+    tune.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    tune.add_argument("--max-steps", type=int, help="stop after this many steps")
+    tune.add_argument("--export-merged", metavar="DIR",
+                      help="at the end, write the trained model (LoRA merged) as a model directory")
+    tune.set_defaults(run=cmd_finetune)
+
+    check = verbs.add_parser("check-config", parents=[shaping], help="validate a yaml before launching it")
+    check.add_argument("config")
+    check.add_argument("--devices", type=int, help="number of devices that will run it")
+    check.set_defaults(run=cmd_check_config)
+
+    table = verbs.add_parser("rank-table", help="write the HCCL rank-table JSON for one Ascend server")
+    table.add_argument("--devices", default="0-8", help="START-END (end exclusive) or a comma list; default 0-8")
+    table.add_argument("--output", default="hccl_8p.json")
+    table.add_argument("--server-ip", help="this host's IP (default: resolved from the host name)")
+    table.add_argument("--device-ips", help="comma list, one per device (default: read with hccn_tool)")
+    table.add_argument("--force", action="store_true")
+    table.set_defaults(run=cmd_rank_table)
+
+
+# --------------------------------------------------------------------------------- information extraction
+
+def cmd_extract(args):
+    _frameworks()
+    from knowlm.generate import text_generator
+    from knowlm.ie.extract import extract_file
+    from knowlm.ie.prompts import default_family
+    generate = text_generator(args.model, args.batch_size, max_new_tokens=args.max_new_tokens,
+                              repetition_penalty=args.repetition_penalty)
+    written, skipped = extract_file(generate, args.input, args.output, args.task, args.schema, resume=args.resume,
+                                    batch_size=args.batch_size, family=args.family or default_family(args.model),
+                                    chat=args.chat, **_ie_prompting(args))
+    print(f"extract: {args.output}: {written} records written" + (f", {skipped} already there" if skipped else ""))
+
+
+def cmd_evaluate(args):
+    from knowlm.files import write_json
+    from knowlm.ie.evaluate import evaluate, format_table
+    scores = evaluate(args.pred, args.gold, task=args.task, by=args.by, match_mode=args.match_mode, fmt=args.format)
+    print(format_table(scores))
+    if args.output:
+        write_json(args.output, scores)
+
+
+def cmd_kg2instruct(args):
+    from knowlm.ie.kg2instruct import kg2instruct_file
+    count = kg2instruct_file(args.input, args.output, schema_path=args.schema, family=args.family,
+                             neg_ratio=args.neg_ratio, seed=args.seed, **_ie_prompting(args))
+    print(f"kg2instruct: {args.output}: {count} samples")
+
+
+def _ie_prompting(args):
+    return dict(language=args.language, template=args.template, fmt=args.format, split_num=args.split_num)
+
+
+def _template(value):
+    if value == "random":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a template number or 'random'") from None
+
+
+def _prompting():
+    """Options that shape extraction prompts, shared by extract and kg2instruct (knowlm.ie.prompts)."""
+    prompting = argparse.ArgumentParser(add_help=False)
+    prompting.add_argument("--language", default="auto",
+                           help="zh, en, or auto: each record's 'lang', else zh for text with Chinese characters")
+    prompting.add_argument("--template", type=_template, default=0,
+                           help="knowlm family: template number, or 'random' (one per sample); default 0")
+    prompting.add_argument("--format", help="answer format (knowlm.ie.formats): tuple (default), relation_first, "
+                                            "json_list, ...; the oneke family has only oneke")
+    prompting.add_argument("--split-num", type=int,
+                           help="schema items per prompt, -1 for all in one; default IEPile's (RE/EE 4, NER 6)")
+    return prompting
+
+
+def add_extract(verbs):
+    ext = verbs.add_parser("extract", parents=[_prompting()],
+                           help="extract relations, entities or events with a model")
+    ext.add_argument("--model", required=True, help="model directory, yaml file, pipeline name or 'tiny'")
+    ext.add_argument("--task", default="re", help="re (relations, default), ner (entities) or ee (events)")
+    ext.add_argument("--schema", required=True,
+                     help="JSON list of relation / entity type names (ee: event objects), or {lang: list}")
+    ext.add_argument("--input", required=True, help="JSONL records with 'id' and 'text' (optional 'source', 'lang')")
+    ext.add_argument("--output", required=True, help="JSONL, one line per record, written as it goes")
+    ext.add_argument("--resume", action="store_true", help="continue an existing output, skipping its ids")
+    ext.add_argument("--batch-size", type=int, default=4, help="prompts generated together; default 4")
+    ext.add_argument("--family", choices=("knowlm", "oneke"),
+                     help="prompt family; default from the model name: oneke for *oneke*, else knowlm")
+    ext.add_argument("--chat", choices=("alpaca", "llama2"), help="chat template; default the family's")
+    ext.add_argument("--max-new-tokens", type=int, default=256)
+    ext.add_argument("--repetition-penalty", type=float, default=1.0)
+    ext.set_defaults(run=cmd_extract)
+
+
+def add_ie(verbs):
+    add_extract(verbs)
+    ev = verbs.add_parser("evaluate", help="precision / recall / F1 of predictions against gold, IEPile-style")
+    ev.add_argument("--pred", required=True, help="JSONL predictions (knowlm extract output, or raw 'output' lines)")
+    ev.add_argument("--gold", required=True, help="JSONL gold records (InstructIE, or IEPile with 'label')")
+    ev.add_argument("--task", default="re", help="re (default), ner or ee")
+    ev.add_argument("--by", help="also score per value of this gold field, e.g. source")
+    ev.add_argument("--match-mode", default="normal", help="normal (duplicates count, default) or set")
+    ev.add_argument("--format", default="oneke", help="answer format of raw 'output' predictions; default oneke")
+    ev.add_argument("--output", help="write the scores here as JSON")
+    ev.set_defaults(run=cmd_evaluate)
+
+    kg = verbs.add_parser("kg2instruct", parents=[_prompting()],
+                          help="relation-extraction instruction data from InstructIE records")
+    kg.add_argument("--input", required=True, help="JSONL records {id, text, relation: [{head, relation, tail}]}")
+    kg.add_argument("--output", required=True, help="JSONL instruction samples for prepare-data")
+    kg.add_argument("--family", choices=("knowlm", "oneke"), default="knowlm", help="prompt family; default knowlm")
+    kg.add_argument("--schema", help="relations to ask about (list or {lang: list}); default those in the input")
+    kg.add_argument("--neg-ratio", type=float, default=1.0,
+                    help="probability of asking about each absent relation; default 1 (all, as IEPile)")
+    kg.add_argument("--seed", type=int, default=42)
+    kg.set_defaults(run=cmd_kg2instruct)
+
+
+# -------------------------------------------------------------------------------------------- quickstart
+
+def cmd_quickstart(args):
+    _frameworks()
+    from knowlm.quickstart import quickstart, report
+    steps = {"steps": args.steps} if args.steps is not None else {}
+    print(report(quickstart(workdir=args.workdir, seed=args.seed, keep=args.keep, **steps)))
+
+
+def add_quickstart(verbs):
+    start = verbs.add_parser("quickstart", help="the whole workflow on a built-in default: convert, finetune, "
+                                                "extract and score, on CPU in minutes")
+    start.add_argument("--workdir", help="keep every intermediate file here (an empty or new folder)")
+    start.add_argument("--steps", type=int, help="fine-tuning steps (default: what fits in about 4 minutes)")
+    start.add_argument("--seed", type=int, default=0)
+    start.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
+    start.set_defaults(run=cmd_quickstart)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="knowlm", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--version", action="version", version=f"knowlm {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    for add in (add_quickstart, add_generate, add_training, add_ie, add_checkpoints):
+        add(verbs)
     return parser
 
 
@@ -308,8 +336,6 @@ def main(argv=None):
 
 def run(args):
     """Run ``args.run(args)``; bad input ends with one line on stderr and exit status 2."""
-    _quiet_frameworks()
-    from knowlm.errors import KnowLMError  # pylint: disable=import-outside-toplevel
     try:
         args.run(args)
     except KnowLMError as err:

@@ -11,10 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from knowlm.cli import _frameworks, run
+from knowlm.errors import KnowLMError
+
 
 def cmd_convert_weight(args):
-    from knowlm.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
-    from knowlm.errors import KnowLMError  # pylint: disable=import-outside-toplevel
+    _frameworks()
+    from knowlm.checkpoints.convert import convert_checkpoint
     source = Path(args.torch_bin_path)
     if not source.is_file():
         raise KnowLMError(f"{source}: not found; expected a .bin file inside the Hugging Face model directory")
@@ -23,7 +26,6 @@ def cmd_convert_weight(args):
 
 
 def main(argv=None):
-    from knowlm.cli import run  # pylint: disable=import-outside-toplevel
     parser = argparse.ArgumentParser(prog="python -m knowlm.convert_weight", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--torch_bin_path", required=True, help="any .bin file of the Hugging Face directory")

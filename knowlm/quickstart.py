@@ -7,7 +7,7 @@ Nothing is downloaded and no user file is needed. Every stage uses the real code
 3. convert: ``knowlm convert`` (Hugging Face -> knowlm model directory);
 4. data: ``kg2instruct`` over the shipped knowledge graph's training triples, then ``prepare-data``;
 5. extract + evaluate on the held-out split (entities never seen in training): triple F1 *before* training;
-6. finetune: MindFormers' Trainer (``configs/tiny/finetune_full.yaml``), then extract + evaluate *after*.
+6. finetune: MindFormers' Trainer (``knowlm/configs/tiny/finetune_full.yaml``), then extract + evaluate *after*.
 
 The model starts from random weights (no pretrained model can be downloaded here), so it is trained in full
 rather than with LoRA, and it must learn to copy entity names out of the input, which a pretrained LLaMA can
@@ -27,8 +27,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from knowlm.configs import CONFIG_DIR
+import mindspore as ms
+
+from knowlm.checkpoints.convert import convert_checkpoint
+from knowlm.checkpoints.hf import import_torch
 from knowlm.errors import KnowLMError
+from knowlm.files import CONFIG_DIR, CONFIG_NAME, TOKENIZER_NAME, read_json
+from knowlm.generate import text_generator
+from knowlm.ie.evaluate import evaluate
+from knowlm.ie.extract import extract_file
+from knowlm.ie.files import write_jsonl
+from knowlm.ie.kg import GRAPH, SCHEMA, TEST, TRAIN_RECORDS
+from knowlm.ie.kg2instruct import kg2instruct, read_instructie
+from knowlm.ie.prompts import build_prompt
+from knowlm.tokenizer.chat import ALPACA
+from knowlm.tokenizer.spm import BUILTIN_CORPUS, KnowLMTokenizer, train_tokenizer
+from knowlm.train.data import prepare_data
+from knowlm.train.finetune import finetune
 
 # 2500 steps of this model take about 4 minutes on 2 CPU cores (0.094 s/step at 64 tokens). Tied embeddings: a copied
 # token's output row is its input row, which is how a model this small copies names it has seen only a few times.
@@ -105,13 +120,11 @@ def prompt_pieces(graph):
     The wording is the Alpaca wrapper and template ``TEMPLATE`` around the schema list and the input, in both
     languages; a training sample is then ~45 tokens instead of ~120, and a step takes 0.094 s instead of 0.19 s.
     """
-    from knowlm.data import PROMPT_WITH_INPUT  # pylint: disable=import-outside-toplevel
-    from knowlm.ie.prompts import build_prompt  # pylint: disable=import-outside-toplevel
     marker = "\x01"
     pieces = ["['", "', '", "']"]
     for language in ("zh", "en"):
         prompt = build_prompt("re", "", [marker], "knowlm", language, TEMPLATE)
-        whole = PROMPT_WITH_INPUT.format(instruction=prompt.instruction, input=marker)
+        whole = ALPACA.render(prompt.instruction, marker)
         pieces += whole.replace(repr([marker]), marker).split(marker)
         pieces += [relation[language] for relation in graph["relations"].values()]
     return pieces
@@ -132,22 +145,10 @@ def _stage(number, text):
 
 def quickstart(workdir=None, steps=2500, invented=15000, batch_size=16, seed=0, keep=False):
     """Run the six stages in ``workdir`` (a temporary folder unless given); returns a ``QuickstartResult``."""
-    # Heavy imports here: `knowlm --help` stays fast.
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
-    from knowlm.convert import convert_checkpoint, import_torch  # pylint: disable=import-outside-toplevel
-    from knowlm.data import prepare_data  # pylint: disable=import-outside-toplevel
-    from knowlm.ie.evaluate import evaluate  # pylint: disable=import-outside-toplevel
-    from knowlm.ie.extract import extract_file, model_generator  # pylint: disable=import-outside-toplevel
-    from knowlm.ie.files import write_jsonl  # pylint: disable=import-outside-toplevel
-    from knowlm.ie.kg import GRAPH, SCHEMA, TEST, TRAIN_RECORDS  # pylint: disable=import-outside-toplevel
-    from knowlm.ie.kg2instruct import kg2instruct, read_records  # pylint: disable=import-outside-toplevel
-    from knowlm.tokenizer import BUILTIN_CORPUS, KnowLMTokenizer, train_tokenizer  # pylint: disable=import-outside-toplevel
-    from knowlm.train import finetune  # pylint: disable=import-outside-toplevel
-
     if steps < 1:
         raise KnowLMError(f"steps {steps}: expected a positive number of fine-tuning steps")
-    torch = import_torch()      # before any work: the model is built in torch
+    torch = import_torch()      # before any work, and before transformers: one line if torch is missing
+    import transformers         # pylint: disable=import-outside-toplevel
     started = time.perf_counter()
     temporary = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="knowlm-quickstart-") if temporary else workdir)
@@ -156,21 +157,21 @@ def quickstart(workdir=None, steps=2500, invented=15000, batch_size=16, seed=0, 
     workdir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     graph = json.loads(GRAPH.read_text(encoding="utf-8"))
-    records = read_records(TRAIN_RECORDS) + invented_records(graph, invented, rng)
+    records = read_instructie(TRAIN_RECORDS) + invented_records(graph, invented, rng)
     samples = kg2instruct(records, template=TEMPLATE, split_num=len(graph["relations"]), neg_ratio=0.5, seed=seed)
     write_jsonl(workdir / "train.jsonl", samples)
 
     _stage(1, f"tokenizer: SentencePiece, {VOCAB_SIZE} pieces, trained on the shipped corpus and training data")
     texts = BUILTIN_CORPUS.read_text(encoding="utf-8").splitlines() + _ZH_CHARS + \
         [text for sample in samples for text in (sample["input"], sample["output"])]
-    tokenizer_file = train_tokenizer(texts, workdir / "tokenizer.model", VOCAB_SIZE, whole_pieces=prompt_pieces(graph))
+    tokenizer_file = train_tokenizer(texts, workdir / TOKENIZER_NAME, VOCAB_SIZE, whole_pieces=prompt_pieces(graph))
 
     _stage(2, "model: LLaMA architecture in Hugging Face format, random weights "
               f"(hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers)")
     torch.manual_seed(seed)
     hf_dir = workdir / "hf"
     transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=VOCAB_SIZE, **MODEL)).save_pretrained(hf_dir)
-    shutil.copyfile(tokenizer_file, hf_dir / "tokenizer.model")
+    shutil.copyfile(tokenizer_file, hf_dir / TOKENIZER_NAME)
 
     _stage(3, "convert: Hugging Face -> knowlm model directory")
     base = workdir / "model"
@@ -178,7 +179,7 @@ def quickstart(workdir=None, steps=2500, invented=15000, batch_size=16, seed=0, 
 
     def score(model_dir, name):
         predictions = workdir / f"{name}.jsonl"
-        generate = model_generator(str(model_dir), batch_size, max_new_tokens=MAX_NEW_TOKENS)
+        generate = text_generator(str(model_dir), batch_size, max_new_tokens=MAX_NEW_TOKENS)
         extract_file(generate, TEST, predictions, "re", SCHEMA, batch_size=batch_size, template=TEMPLATE,
                      split_num=len(graph["relations"]))
         return evaluate(predictions, TEST), predictions
@@ -202,7 +203,7 @@ def quickstart(workdir=None, steps=2500, invented=15000, batch_size=16, seed=0, 
 
     _stage(6, "extract + evaluate the held-out split after training")
     after, predictions = score(trained, "after")
-    gold = {record["id"]: record["relation"] for record in read_records(TEST)}
+    gold = {record["id"]: record["relation"] for record in read_instructie(TEST)}
     examples = [(line["text"], gold[line["id"]], line["relation"]) for line in
                 map(json.loads, predictions.read_text(encoding="utf-8").splitlines()[::7])]
     outcome = QuickstartResult(before, after, examples, workdir, time.perf_counter() - started)
@@ -215,7 +216,7 @@ def quickstart(workdir=None, steps=2500, invented=15000, batch_size=16, seed=0, 
 
 def _model_overrides(model_dir):
     # The finetune yaml describes the tiny preset; the quickstart model's shape comes from its converted config.
-    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    config = read_json(Path(model_dir) / CONFIG_NAME)
     keys = ("hidden_size", "num_layers", "num_heads", "n_kv_heads", "intermediate_size", "vocab_size",
             "rms_norm_eps", "theta", "max_position_embedding", "tie_word_embeddings")
     return {f"model.model_config.{key}": config[key] for key in keys if config.get(key) is not None}

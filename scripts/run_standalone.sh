@@ -2,7 +2,7 @@
 # One device (an Ascend card, or this machine's CPU/GPU).
 #   bash scripts/run_standalone.sh CONFIG DEVICE_ID finetune [knowlm finetune options, e.g. --data D --base B]
 #   bash scripts/run_standalone.sh CONFIG DEVICE_ID predict  "prompt" [knowlm generate options]
-# The yaml is checked first (knowlm check-config); the log goes to $OUTPUT_DIR/log/standalone_<status>.log
+# finetune checks the yaml before it builds anything; the log goes to $OUTPUT_DIR/log/standalone_<status>.log
 # (OUTPUT_DIR defaults to ./output) as well as to the terminal.
 set -euo pipefail
 if [ $# -lt 3 ]; then
@@ -16,11 +16,8 @@ KNOWLM=${KNOWLM:-knowlm}
 export DEVICE_ID RANK_ID=0 RANK_SIZE=1
 LOG_DIR=${OUTPUT_DIR:-output}/log
 mkdir -p "$LOG_DIR"
-source "$(dirname "$0")/common.sh"
-check_args "$@"
 case $RUN_STATUS in
   finetune)
-    "$KNOWLM" check-config "$CONFIG" --devices 1 ${CHECK_ARGS[@]+"${CHECK_ARGS[@]}"}
     "$KNOWLM" finetune --config "$CONFIG" "$@" 2>&1 | tee "$LOG_DIR/standalone_finetune.log" ;;
   predict)
     "$KNOWLM" generate --model "$CONFIG" "$@" 2>&1 | tee "$LOG_DIR/standalone_predict.log" ;;

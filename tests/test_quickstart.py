@@ -3,9 +3,11 @@ import json
 import random
 
 from knowlm.ie.kg import GRAPH, TEST
-from knowlm.ie.kg2instruct import kg2instruct, read_records
+from knowlm.ie.kg2instruct import kg2instruct, read_instructie
 from knowlm.ie.parse import parse
-from knowlm.quickstart import TEMPLATE, invented_records
+from knowlm.quickstart import TEMPLATE, invented_records, prompt_pieces
+from knowlm.tokenizer.chat import ALPACA
+from knowlm.tokenizer.spm import KnowLMTokenizer, train_tokenizer
 
 GRAPH_DATA = json.loads(GRAPH.read_text(encoding="utf-8"))
 
@@ -21,7 +23,7 @@ def test_invented_records_state_their_triple_in_both_languages():
 
 
 def test_invented_names_never_collide_with_held_out_entities():
-    held_out = {t[key] for record in read_records(TEST) for t in record["relation"] for key in ("head", "tail")}
+    held_out = {t[key] for record in read_instructie(TEST) for t in record["relation"] for key in ("head", "tail")}
     names = {t[key] for record in invented_records(GRAPH_DATA, 2000, random.Random(1))
              for t in record["relation"] for key in ("head", "tail")}
     assert not names & held_out
@@ -38,16 +40,13 @@ def test_quickstart_samples_answer_their_own_triples():
 
 
 def test_quickstart_tokenizer_spends_one_token_per_fixed_part_of_a_prompt(tmp_path):
-    from knowlm.data import build_prompt
-    from knowlm.quickstart import prompt_pieces
-    from knowlm.tokenizer import KnowLMTokenizer, train_tokenizer
     records = invented_records(GRAPH_DATA, 200, random.Random(3))
     samples = kg2instruct(records, template=TEMPLATE, split_num=8, neg_ratio=0.5, seed=0)
     texts = [text for sample in samples for text in (sample["input"], sample["output"])]
     tokenizer = KnowLMTokenizer(vocab_file=str(train_tokenizer(texts, tmp_path / "t.model", 1200,
                                                                whole_pieces=prompt_pieces(GRAPH_DATA))))
     for sample in samples[:2]:        # one Chinese, one English
-        prompt = build_prompt(sample["instruction"], sample["input"])
+        prompt = ALPACA.render(sample["instruction"], sample["input"])
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         schema = len(sample["schema"])
         alone = tokenizer.convert_ids_to_tokens(tokenizer.encode(sample["input"], add_special_tokens=False))

@@ -9,13 +9,11 @@ from collections import deque
 from pathlib import Path
 
 from knowlm.errors import KnowLMError
-from knowlm.generate import generate as generate_text
 from knowlm.ie.files import load_schema, read_jsonl, record_key, record_text, schema_for
 from knowlm.ie.parse import merge, parse
-from knowlm.ie.prompts import (FAMILY_DEFAULTS, build_prompts, chat_prompt, check_chat, check_family,
-                               cut_response)
+from knowlm.ie.prompts import FAMILY_DEFAULTS, build_prompts, check_family
 from knowlm.ie.records import RECORD_KEYS, check_language, check_task, language_of, to_dicts
-from knowlm.pretrained import load_model
+from knowlm.tokenizer.chat import chat_template
 
 
 def extract(records, task, schema, generate, family="knowlm", language="auto", template=0, fmt=None,
@@ -37,8 +35,8 @@ def extract(records, task, schema, generate, family="knowlm", language="auto", t
     languages = [language_of(record) if language == "auto" else language for record in records]
     for lang in set(languages):
         build_prompts(task, "", schema_for(schema, lang, "schema"), family, lang, template, fmt, split_num)
-    check_chat(chat)
-    return _results(records, languages, task, schema, generate, family, template, fmt, split_num, chat, batch_size)
+    return _results(records, languages, task, schema, generate, family, template, fmt, split_num,
+                    chat_template(chat), batch_size)
 
 
 def _results(records, languages, task, schema, generate, family, template, fmt, split_num, chat, batch_size):
@@ -48,7 +46,7 @@ def _results(records, languages, task, schema, generate, family, template, fmt, 
     def run(count):
         batch, queue[:count] = queue[:count], []
         for (answers, _), text in zip(batch, generate([prompt for _, prompt in batch])):
-            answers.append(cut_response(text, chat))
+            answers.append(chat.answer(text))
 
     def finished():
         while pending and len(pending[0][2]) == len(pending[0][1]):
@@ -59,7 +57,7 @@ def _results(records, languages, task, schema, generate, family, template, fmt, 
                                 fmt, split_num)
         answers = []
         pending.append((record, prompts, answers))
-        queue.extend((answers, chat_prompt(prompt, chat)) for prompt in prompts)
+        queue.extend((answers, chat.render(prompt.instruction, prompt.input)) for prompt in prompts)
         while len(queue) >= batch_size:
             run(batch_size)
             yield from finished()
@@ -107,18 +105,6 @@ def extract_file(generate, input_path, output_path, task, schema_path, resume=Fa
         if out:
             out.close()
     return written, len(records) - len(todo)
-
-
-def model_generator(model, batch_size, **generation):
-    """A ``generate`` function for ``extract``: ``knowlm.generate.generate`` with ``generation`` options over
-    ``load_model(model)``, loaded at the first call, so that bad input fails before a large model is loaded."""
-    loaded = []
-
-    def run(prompts):
-        if not loaded:
-            loaded.extend(load_model(model, use_past=True, batch_size=batch_size))
-        return generate_text(*loaded, prompts, **generation)
-    return run
 
 
 def _read_inputs(path):

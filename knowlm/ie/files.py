@@ -1,9 +1,9 @@
 """Reading the user's files: every problem is one ``KnowLMError`` line naming the file (and line) at fault."""
 import json
-import os
 from pathlib import Path
 
 from knowlm.errors import KnowLMError
+from knowlm.files import atomic_write
 
 
 def read_jsonl(path, what):
@@ -81,10 +81,9 @@ def schema_for(schema, language, where):
 
 
 def write_jsonl(path, rows):
-    """Write ``rows`` under a temporary name and rename it when complete, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write ``rows`` as JSONL, atomically (``knowlm.files.atomic_write``)."""
+    def write(tmp):
+        with tmp.open("w", encoding="utf-8") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return atomic_write(path, write)

@@ -65,7 +65,7 @@ def kg2instruct(records, family="knowlm", language="auto", template=0, fmt=None,
     return samples
 
 
-def read_records(path):
+def read_instructie(path):
     """The InstructIE records of a JSONL file, each checked for ``id``, ``text`` and well-formed ``relation``."""
     records = []
     for number, record in read_jsonl(path, "InstructIE records with 'id', 'text' and 'relation'"):
@@ -80,6 +80,6 @@ def read_records(path):
 def kg2instruct_file(input_path, output_path, schema_path=None, **options):
     """``kg2instruct`` from and to JSONL files; returns the number of samples written."""
     schema = load_schema(schema_path, TASK) if schema_path else None
-    samples = kg2instruct(read_records(input_path), schema=schema, **options)
+    samples = kg2instruct(read_instructie(input_path), schema=schema, **options)
     write_jsonl(output_path, samples)
     return len(samples)

@@ -13,7 +13,6 @@ several prompts whose answers are merged.
 import json
 from dataclasses import dataclass
 
-from knowlm.data import PROMPT_NO_INPUT, PROMPT_WITH_INPUT
 from knowlm.errors import KnowLMError
 from knowlm.ie.formats import format_spec
 
@@ -135,12 +134,6 @@ ONEKE_INSTRUCTIONS = {
 # How the model sees an instruction: name -> (with input, without input, the marker of a next turn, after which
 # a continuation is cut off). KnowLM's LoRA and ZhiXi use Alpaca (the template prepare-data trains with); OneKE
 # wraps LLaMA-2 chat around its JSON instruction (IEPile OneKE.md).
-_LLAMA2_SYSTEM = "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n"
-CHAT_TEMPLATES = {
-    "alpaca": (PROMPT_WITH_INPUT, PROMPT_NO_INPUT, "### "),
-    "llama2": (_LLAMA2_SYSTEM + "{instruction}\n{input}[/INST]", _LLAMA2_SYSTEM + "{instruction}[/INST]", "[INST]"),
-}
-
 # What each family's models were trained with.
 FAMILY_DEFAULTS = {"knowlm": {"format": "tuple", "chat": "alpaca"}, "oneke": {"format": "oneke", "chat": "llama2"}}
 
@@ -212,23 +205,3 @@ def build_prompts(task, text, schema, family="knowlm", language="zh", template=0
     """One prompt per group of schema items (``split_num`` per group; default IEPile's for the task)."""
     size = SPLIT_NUM[task] if split_num is None else split_num
     return [build_prompt(task, text, group, family, language, template, fmt) for group in split_schema(schema, size)]
-
-
-def check_chat(chat):
-    if chat not in CHAT_TEMPLATES:
-        raise KnowLMError(f"unknown chat template {chat!r}; expected one of {', '.join(CHAT_TEMPLATES)}")
-    return chat
-
-
-def chat_prompt(prompt, chat="alpaca"):
-    """The text the model continues: ``prompt`` wrapped in the chat template ``chat``."""
-    check_chat(chat)
-    with_input, without_input, _ = CHAT_TEMPLATES[chat]
-    if prompt.input:
-        return with_input.format(instruction=prompt.instruction, input=prompt.input)
-    return without_input.format(instruction=prompt.instruction)
-
-
-def cut_response(text, chat="alpaca"):
-    """The model's answer without whatever it went on to write after the chat template's next-turn marker."""
-    return text.split(CHAT_TEMPLATES[chat][2], 1)[0].strip()

@@ -1,0 +1,184 @@
+"""``knowlm convert`` and ``knowlm export``: Hugging Face LLaMA directories <-> knowlm model directories, streamed.
+
+``convert_checkpoint`` checks every name, shape and dtype before writing, writes one MindSpore shard per input shard
+(so memory stays near one input shard), renames each file only when complete, and re-reads what it wrote.
+``export_checkpoint`` writes the reverse as safetensors shards, bytes unchanged.
+"""
+import time
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+from tqdm import tqdm
+
+from knowlm.checkpoints import stream
+from knowlm.checkpoints.hf import (HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HFShard, HFTensor, hf_config_from_knowlm,
+                                   hf_weight_files, knowlm_config_from_hf, validate_safetensors, write_mindspore,
+                                   write_safetensors)
+from knowlm.checkpoints.model_dir import checkpoint_files, load_config
+from knowlm.checkpoints.names import (HF_TO_MINDSPORE, UNKNOWN, check_tensors, expected_shapes, listing, lookup,
+                                      mindspore_to_hf_name)
+from knowlm.checkpoints.stream import DTYPE_ALIASES, DTYPES
+from knowlm.errors import KnowLMError
+from knowlm.files import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_copy,
+                          atomic_write, prepare_output_dir, read_json, refuse_existing, write_json)
+from knowlm.tokenizer.spm import check_sentencepiece
+
+
+def resolve_dtype(dtype) -> str:
+    if dtype not in DTYPE_ALIASES:
+        raise KnowLMError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
+    return DTYPE_ALIASES[dtype]
+
+
+@dataclass
+class Summary:
+    """What a conversion wrote; ``str()`` is the one-line report the CLI prints."""
+    action: str
+    output: Path
+    tensors: int
+    parameters: int
+    nbytes: int
+    dtype: str
+    seconds: float
+
+    def __str__(self):
+        return (f"{self.action} {self.tensors} tensors ({self.parameters:,} parameters, {_size(self.nbytes)}, "
+                f"{self.dtype}) to {self.output} in {self.seconds:.1f} s")
+
+
+def _size(nbytes):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def make_summary(action, output, entries, dtype, start):
+    return Summary(action, Path(output), len(entries), sum(prod(e.shape) for e in entries),
+                   sum(e.nbytes for e in entries), dtype, time.time() - start)
+
+
+def progress_bar(total, desc):
+    # disable=None: a bar on a terminal, nothing in logs and pipes.
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
+
+
+def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=False, prefer="safetensors",
+                       echo=None) -> Summary:
+    """Convert the Hugging Face LLaMA in ``hf_dir`` to a knowlm model directory ``output``.
+
+    ``output`` ending in ``.ckpt`` writes a single MindSpore checkpoint file instead (the legacy command's
+    output). ``dtype`` (fp32/fp16/bf16) defaults to the checkpoint's ``torch_dtype``. ``echo`` (e.g. ``print``)
+    receives the resolved arguments before the work starts.
+    """
+    start = time.time()
+    hf_dir, output = Path(hf_dir), Path(output)
+    if not hf_dir.is_dir():
+        raise KnowLMError(f"{hf_dir}: not a directory; expected a Hugging Face model directory")
+    hf = read_json(hf_dir / CONFIG_NAME)
+    files = hf_weight_files(hf_dir, prefer)
+    plan, source_dtype = _plan(files)
+    dtype = resolve_dtype(dtype) if dtype else _default_dtype(hf, source_dtype)
+    config = knowlm_config_from_hf(hf, dtype, source=str(hf_dir / CONFIG_NAME))
+    expected = expected_shapes(config)
+    if config.tie_word_embeddings:      # .bin files of tied models store the shared matrix twice
+        plan = [[e for e in entries if e.name != "lm_head.weight"] for entries in plan]
+    check_tensors([e for entries in plan for e in entries], expected, hf_dir, show=mindspore_to_hf_name)
+    single_file = output.suffix == ".ckpt"
+    tokenizer = None if single_file else _checked_tokenizer(hf_dir / TOKENIZER_NAME, config.vocab_size)
+    if single_file:
+        refuse_existing(output, force)
+    else:
+        prepare_output_dir(output, force, source_dir=hf_dir, stale=WEIGHTS_GLOB)
+    if echo:
+        echo(f"knowlm convert: {hf_dir} ({len(files)} {files[0].suffix[1:]} file(s), "
+             f"{sum(map(len, plan))} tensors, {source_dtype}) -> {output} ({dtype})")
+
+    plan = [entries for entries in plan if entries]
+    if single_file:
+        targets = [(output, [e for entries in plan for e in entries])]
+    else:
+        names = [WEIGHTS_NAME] if len(plan) == 1 else \
+            [f"{Path(WEIGHTS_NAME).stem}-{i:05d}-of-{len(plan):05d}.ckpt" for i in range(1, len(plan) + 1)]
+        targets = [(output / name, entries) for name, entries in zip(names, plan)]
+    with progress_bar(sum(e.nbytes for entries in plan for e in entries), "convert") as bar:
+        for path, entries in targets:
+            atomic_write(path, lambda tmp, entries=entries: write_mindspore(tmp, entries, dtype, bar))
+    written = stream.validate([path for path, _ in targets], expected, output, dtype, check_finite)
+    if not single_file:
+        if len(targets) > 1:
+            weight_map = {e.name: Path(e.path).name for e in written}
+            write_json(output / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": sum(e.nbytes for e in written)},
+                                                      "weight_map": weight_map})
+        atomic_copy(tokenizer, output / TOKENIZER_NAME)
+        values = config.to_dict()
+        values["checkpoint_name_or_path"] = ""
+        write_json(output / CONFIG_NAME, values)    # last: a directory with config.json is complete
+    return make_summary("converted", output, written, dtype, start)
+
+
+def _plan(files):
+    """Per file, the tensors to convert (``HFTensor``) and the first one's dtype; unknown names refused."""
+    plan, source_dtype = [], None
+    for path in files:
+        shard = HFShard(path)
+        targets = {name: lookup(name) for name in shard.headers}
+        unknown = [name for name, target in targets.items() if target is UNKNOWN]
+        if unknown:
+            raise KnowLMError(f"{path}: unknown tensor name(s) {listing(unknown)}; expected LLaMA names such as "
+                              f"{next(iter(HF_TO_MINDSPORE))!r}")
+        plan.append([HFTensor(target, *shard.headers[name], str(path), name, shard.nbytes(name))
+                     for name, target in targets.items() if target is not None])
+        source_dtype = source_dtype or next((e.dtype for e in plan[-1]), None)
+    return plan, source_dtype
+
+
+def _default_dtype(hf, source_dtype):
+    declared = hf.get("torch_dtype") or hf.get("dtype")
+    return declared if declared in DTYPES else source_dtype
+
+
+def _checked_tokenizer(path: Path, vocab_size: int) -> Path:
+    if not path.is_file():
+        raise KnowLMError(f"{path}: not found; the knowlm directory needs the SentencePiece model the weights "
+                          "were trained with")
+    check_sentencepiece(path, vocab_size)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+def export_checkpoint(model_dir, hf_dir, force=False, echo=None) -> Summary:
+    """Write knowlm model directory ``model_dir`` as a Hugging Face LLaMA directory ``hf_dir`` (safetensors).
+
+    One safetensors file per MindSpore shard, with ``model.safetensors.index.json`` when there are several; the
+    bytes are copied unchanged, so a round trip is bit-identical.
+    """
+    start = time.time()
+    model_dir, hf_dir = Path(model_dir), Path(hf_dir)
+    config = load_config(model_dir)
+    expected = expected_shapes(config)
+    shards = [stream.scan(path) for path in checkpoint_files(model_dir)]
+    entries = [e for shard in shards for e in shard]
+    check_tensors(entries, expected, model_dir, dtype=entries[0].dtype if entries else None)
+    dtype = entries[0].dtype
+    prepare_output_dir(hf_dir, force, source_dir=model_dir, stale="model*.safetensors*")
+    if echo:
+        echo(f"knowlm export: {model_dir} ({len(shards)} ckpt file(s), {len(entries)} tensors, {dtype}) "
+             f"-> {hf_dir}")
+    names = [HF_SAFETENSORS] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    with progress_bar(sum(e.nbytes for e in entries), "export") as bar:
+        for name, shard in zip(names, shards):
+            atomic_write(hf_dir / name, lambda tmp, shard=shard: write_safetensors(tmp, shard, bar))
+    validate_safetensors([hf_dir / name for name in names], expected, hf_dir, dtype)
+    if len(names) > 1:
+        write_json(hf_dir / HF_SAFETENSORS_INDEX, {
+            "metadata": {"total_size": sum(e.nbytes for e in entries)},
+            "weight_map": {mindspore_to_hf_name(e.name): name for name, shard in zip(names, shards) for e in shard}})
+    if (model_dir / TOKENIZER_NAME).is_file():
+        atomic_copy(model_dir / TOKENIZER_NAME, hf_dir / TOKENIZER_NAME)
+    write_json(hf_dir / CONFIG_NAME, hf_config_from_knowlm(config, dtype))
+    return make_summary("exported", hf_dir, entries, dtype, start)
+

@@ -1,0 +1,118 @@
+"""Files knowlm reads and writes: where they live, what they are called, and how they are written.
+
+Every output is written by ``atomic_write`` (or ``staged`` for several files that belong together): under its final
+name inside a private folder beside the target, renamed into place when complete, removed on failure. A reader
+therefore never sees half a file, two processes never share a temporary name, and an interrupted write leaves only
+a hidden ``.<name>.<pid>.partial`` folder, which never looks like a result.
+"""
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from knowlm.errors import KnowLMError, first_line
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_DIR / "configs"        # MindFormers yaml files: configs/<model>/<task>.yaml
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+# A knowlm model directory (the names MindFormers' own from_pretrained uses).
+CONFIG_NAME = "config.json"                              # KnowLMConfig.to_dict(); written last: its presence = complete
+WEIGHTS_NAME = "mindspore_model.ckpt"                    # weights, or shards listed in the index
+WEIGHTS_INDEX_NAME = "mindspore_model.ckpt.index.json"
+WEIGHTS_GLOB = "mindspore_model*.ckpt*"                  # every weight file of a model directory
+TOKENIZER_NAME = "tokenizer.model"                       # SentencePiece model
+# A LoRA adapter directory (PEFT's names).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.ckpt"
+
+
+def cache_dir() -> Path:
+    """knowlm's cache folder: ``$KNOWLM_CACHE_DIR``, else ``$XDG_CACHE_HOME/knowlm`` (``~/.cache/knowlm``)."""
+    if os.environ.get("KNOWLM_CACHE_DIR"):
+        return Path(os.environ["KNOWLM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "knowlm"
+
+
+@contextlib.contextmanager
+def staged(*paths):
+    """Temporary paths for ``paths`` (same base names, so writers that record their own name still work); on a clean
+    exit they are renamed into place in the given order, so the last one is the one whose presence says complete."""
+    paths = [Path(path) for path in paths]
+    stage = paths[0].parent / f".{paths[0].name}.{os.getpid()}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield [stage / path.name for path in paths]
+        for path in paths:
+            os.replace(stage / path.name, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def atomic_write(path, write):
+    """``write(tmp)`` then rename ``tmp`` to ``path``: ``path`` is either absent, as it was, or complete."""
+    with staged(path) as (tmp,):
+        write(tmp)
+    return Path(path)
+
+
+def atomic_copy(source, target):
+    return atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def write_json(path, values: dict):
+    return atomic_write(path, lambda tmp: tmp.write_text(
+        json.dumps(values, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"))
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise KnowLMError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise KnowLMError(f"{path}: invalid JSON ({first_line(err)})") from None
+
+
+def index_shards(index) -> list:
+    """The shard files named by a ``{"weight_map": {tensor: file}}`` index (knowlm's and Hugging Face's)."""
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+        raise KnowLMError(f"{index}: expected JSON with a 'weight_map' of name -> shard file ({err})") from None
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise KnowLMError(f"{index}: lists shard(s) not in the directory: {', '.join(missing)}")
+    return [index.parent / name for name in shards]
+
+
+def refuse_existing(path, force: bool):
+    """An existing ``path`` is refused unless ``force``; its folder is made."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise KnowLMError(f"{path}: already exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def prepare_output_dir(output_dir, force: bool, marker: str = CONFIG_NAME, source_dir=None, stale=None) -> Path:
+    """Create ``output_dir``; one that holds a result (its ``marker`` file) is refused unless ``force``.
+
+    With ``force`` the old marker goes first, so an interrupted overwrite never looks complete, and so do the files
+    matching ``stale`` (a glob: the old result's parts, which the new one may not all replace). ``source_dir``: the
+    input of the job, never its output.
+    """
+    output_dir = Path(output_dir)
+    if source_dir is not None and output_dir.resolve() == Path(source_dir).resolve():
+        raise KnowLMError(f"{output_dir}: is the input directory; choose another output directory")
+    if (output_dir / marker).exists():
+        if not force:
+            raise KnowLMError(f"{output_dir}: already holds a result ({marker}); pass --force to overwrite it")
+        (output_dir / marker).unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path in output_dir.glob(stale) if stale else ():
+        path.unlink()
+    return output_dir

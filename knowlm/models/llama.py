@@ -1,0 +1,199 @@
+"""KnowLM causal language model: MindFormers' ``LlamaForCausalLM`` made to run anywhere MindSpore runs.
+
+Reference numerics: Hugging Face ``transformers``' ``modeling_llama.py`` (rotate-half RoPE, RMSNorm, GQA).
+On Ascend nothing here changes MindFormers' behaviour. On CPU and GPU, ``KnowLMForCausalLM`` swaps, inside its
+own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernels:
+
+1. configuration (``portable_config``): fused ``RmsNorm`` off, sliced rotary embedding (the ``BatchMatMul``
+   swap-mask form does not broadcast on CPU), no flash attention, float32 everywhere (bf16/fp16 lack CPU kernels);
+2. KV cache (``use_past=True``): ``ApplyRotaryPosEmb``, ``ReshapeAndCache`` and ``PagedAttention`` are replaced
+   by ``RotaryEmbeddingBSH``, ``KVCacheWrite`` and ``PagedAttentionReference`` (``knowlm.models.layers``);
+3. decoding: greedy calls run knowlm's own loop (``knowlm.models.decoding``: same tokens, less Python per token;
+   with knowlm's kernels, many decode steps per call); other calls run MindFormers' loop with the argmax on the
+   host instead of ``mint.argmax`` and the sampling processors in numpy (``mint.topk``/``sort``/``cumsum`` have no
+   CPU kernels); the final draw is numpy, so ``seed`` reproduces;
+4. execution: GRAPH mode, because MindSpore's default asynchronous PYNATIVE dispatch is many times slower on CPU,
+   with the generation graphs kept on disk (``knowlm.runtime.compile_cache``) so that only a model's first run
+   compiles;
+5. training: ``CrossEntropy`` instead of MindFormers' one-hot cross-entropy (built for sharding over devices);
+   RMSNorm and the attention softmax with gradients whose sums over the hidden/key axis are matmuls;
+6. knowlm's kernels on CPU (``knowlm.models.kernels``): a decode step (one new token per sequence) runs each
+   decoder layer as one op instead of ~50, the final norm and the lm_head at close to the memory bandwidth, and
+   greedy decoding runs many such steps, argmax included, in one op; without a KV cache (training), the
+   attention's RoPE is one op forward and one backward.
+"""
+import contextlib
+import copy
+
+import mindspore as ms
+import mindspore.common.dtype as mstype
+import numpy as np
+from mindspore import Parameter, ops
+from mindformers.models.llama.llama import LlamaForCausalLM
+from mindformers.models.llama.llama_layer import LlamaRMSNorm
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from knowlm.checkpoints.model_dir import load_config, load_weights
+from knowlm.errors import KnowLMError
+from knowlm.models.config import KnowLMConfig
+from knowlm.models.decoding import greedy_config, greedy_search
+from knowlm.models.kernels import (DecodeMatMul, decode_steps, fuse_decode_layer, fuse_final_norm,
+                                   fuse_rotary_embedding, kernel_library)
+from knowlm.models.layers import (CrossEntropy, KnowLMRMSNorm, KVCacheWrite, PagedAttentionReference,
+                                  RMSNormFunction, RotaryEmbeddingBSH, Softmax)
+from knowlm.models.pipelines import checkpoint_for
+from knowlm.runtime import compile_cache, on_ascend, use_graph_mode
+
+_CPU_SAFE = dict(fused_rms_norm=False, use_rope_slice=True, use_flash_attention=False, is_dynamic=False,
+                 compute_dtype="float32", param_init_type="float32", layernorm_compute_type="float32",
+                 softmax_compute_type="float32", rotary_dtype="float32", embedding_init_type="float32",
+                 residual_dtype="float32", disable_lazy_inline=True)
+
+
+
+def portable_config(config: KnowLMConfig) -> KnowLMConfig:
+    """A copy of ``config`` that avoids every Ascend-only kernel (identity on Ascend)."""
+    if on_ascend():
+        return config
+    config = copy.deepcopy(config)
+    for key, value in _CPU_SAFE.items():
+        setattr(config, key, value)
+    # LlamaConfig stores dtypes converted; rebuilding through __init__ keeps its conversions in one place.
+    return type(config)(**config.to_dict())
+
+
+def _use_row_sum_gradients(network: LlamaForCausalLM):
+    """Every RMSNorm and attention softmax of the model takes knowlm's cells with matmul row sums."""
+    for _, cell in network.cells_and_names():
+        if type(cell) is LlamaRMSNorm and cell.self_define:
+            cell.__class__ = KnowLMRMSNorm
+            cell.function = RMSNormFunction(cell.eps)
+    for layer in network.model.layers:
+        layer.attention.softmax = Softmax()
+
+
+def _use_portable_kv_cache(network: LlamaForCausalLM):
+    """Swap the three Ascend-only KV-cache kernels of every layer for knowlm's portable cells."""
+    for layer in network.model.layers:
+        attention = layer.attention.infer_attention
+        manager = attention.paged_attention_mgr
+        num_blocks, block_size = manager.key_cache.shape[:2]
+        slots = num_blocks * block_size
+        # 2-D so that ScatterUpdate can write a Parameter in place.
+        shape = (manager.n_kv_heads * (slots + 1), manager.head_dim)
+        manager.key_cache = Parameter(ops.zeros(shape, mstype.float32), name="key_cache", requires_grad=False)
+        manager.value_cache = Parameter(ops.zeros(shape, mstype.float32), name="value_cache", requires_grad=False)
+        manager.reshape_and_cache = KVCacheWrite(manager.n_kv_heads, manager.head_dim, trash_slot=slots)
+        manager.paged_attention = PagedAttentionReference(manager.n_heads, manager.n_kv_heads, manager.head_dim,
+                                                          block_size, manager.scale_value, rows_per_head=slots + 1)
+        attention.rotary_embedding = RotaryEmbeddingBSH(attention.n_head, attention.n_kv_head, attention.head_dim)
+
+
+def _use_cpu_kernels(network: LlamaForCausalLM):
+    """knowlm's kernels: the attention's RoPE without a KV cache (training) as one op with its gradient; with a KV
+    cache, decode steps with each layer as one op, the final norm as one op and the lm_head as a matrix-vector
+    product. Returns the kernel library (None: MindSpore's ops stay)."""
+    library = kernel_library()
+    if library is None:
+        return None
+    for layer in network.model.layers:
+        rotary = getattr(layer.attention, "apply_rotary_emb", None)
+        if rotary is not None:
+            fuse_rotary_embedding(rotary, library)
+    if network.config.use_past:
+        network.lm_head.matmul = DecodeMatMul(library)
+        fuse_final_norm(network.model.norm_out, library)
+        for layer in network.model.layers:
+            fuse_decode_layer(layer, library)
+        # In the network's __dict__, not among its cells: it holds the network's own layers.
+        network.__dict__["decode_steps"] = decode_steps(network, library)
+    return library
+
+
+def _argmax(logits, axis):
+    # On the host: an eager ops.argmax launch per generated token costs far more on CPU than the copy.
+    return ms.Tensor(np.argmax(logits.asnumpy(), axis).astype(np.int32))
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class KnowLMForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` for KnowLM checkpoints; see the module docstring for what differs off Ascend.
+
+    Weights: ``config.checkpoint_name_or_path`` may be a ``.ckpt`` file or a knowlm model directory; they are
+    checked name by name and shape by shape (``knowlm.checkpoints.model_dir.load_weights``). A model built from a
+    registered pipeline name must have weights (``knowlm.models.registry``).
+    """
+
+    config_class = KnowLMConfig
+
+    def __init__(self, config: KnowLMConfig = None):
+        config = portable_config(config if config is not None else KnowLMConfig())
+        if getattr(config, "pipeline_name", None):
+            # Resolved before the (possibly 13B) parameters are allocated, so a missing path fails at once.
+            config.checkpoint_name_or_path = checkpoint_for(config.pipeline_name, config.checkpoint_name_or_path)
+        use_graph_mode()
+        # By keyword: MindFormers' lazy-inline decorator reads disable_lazy_inline only from a keyword config.
+        super().__init__(config=config)
+        self.kernel_library = None
+        if not on_ascend():
+            self.argmax = _argmax
+            if not config.calculate_per_token_loss:
+                self.loss = CrossEntropy()
+            _use_row_sum_gradients(self)
+            if config.use_past:
+                _use_portable_kv_cache(self)
+            if ms.get_context("device_target") == "CPU":
+                self.kernel_library = _use_cpu_kernels(self)
+
+    def load_checkpoint(self, config):
+        if config.checkpoint_name_or_path:
+            load_weights(self, config.checkpoint_name_or_path)
+            # Loaded: MindFormers' LoRA wrapper calls load_checkpoint on this config again, with its own loader.
+            self.config.checkpoint_name_or_path = ""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_dir, **overrides):
+        """Load a knowlm model directory (``config.json``, MindSpore checkpoint, ``tokenizer.model``).
+
+        Keyword overrides (``use_past``, ``batch_size``, ``seq_length``, ...) replace config values.
+        """
+        config = load_config(pretrained_model_name_or_dir, **overrides)
+        config.checkpoint_name_or_path = str(pretrained_model_name_or_dir)
+        return cls(config)
+
+    def get_logits_processor(self, generation_config, input_ids_seq_length, logits_processor):
+        return self._host_side(super().get_logits_processor(generation_config, input_ids_seq_length,
+                                                            logits_processor))
+
+    def get_logits_warper(self, generation_config):
+        return self._host_side(super().get_logits_warper(generation_config))
+
+    @staticmethod
+    def _host_side(processors):
+        if not on_ascend():
+            processors.use_numpy = True
+            for processor in processors:
+                processor.use_numpy = True
+        return processors
+
+    def generate(self, input_ids, generation_config=None, logits_processor=None, streamer=None, seed=None,
+                 **kwargs):
+        shape = np.shape(input_ids)              # (length,) or (batch, padded length)
+        batch, width = (1, shape[0]) if len(shape) == 1 else shape[:2]
+        if width >= self.config.seq_length:
+            raise KnowLMError(f"prompt is {width} tokens; the model's seq_length is "
+                              f"{self.config.seq_length}, so at most {self.config.seq_length - 1} prompt tokens "
+                              "leave room to generate: shorten the prompt or raise seq_length")
+        # MindSpore's predict fast path reruns the graph last compiled for phase "prefill"/"increment" whatever the
+        # input shape: after a change of batch size it must look the graphs up again (they stay cached by shape).
+        if getattr(self, "_batch_size", None) != batch:
+            self._batch_size = batch
+            for phase in ("prefill", "increment"):
+                self.phase_cache.pop(phase, None)
+        with contextlib.nullcontext() if on_ascend() else compile_cache(self.config, self.kernel_library):
+            greedy = None if on_ascend() else greedy_config(self, generation_config, logits_processor, kwargs)
+            if greedy is not None:
+                return greedy_search(self, np.reshape(input_ids, (batch, width)), greedy, streamer)
+            return super().generate(input_ids, generation_config=generation_config,
+                                    logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)
+

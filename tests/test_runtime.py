@@ -1,0 +1,80 @@
+"""Compiled graphs kept on disk: a second process loads them, and the tokens stay those of a fresh compile."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from knowlm import KnowLMConfig
+from knowlm.runtime import compile_cache
+
+SCRIPT = """
+import json, mindspore as ms
+from knowlm import KnowLMConfig, KnowLMForCausalLM
+ms.set_seed(0)
+model = KnowLMForCausalLM(KnowLMConfig.from_name("tiny", use_past=True, batch_size=1, seq_length=32))
+print("TOKENS", json.dumps([int(t) for t in model.generate([[5, 6, 7]], max_new_tokens=6, do_sample=False)[0]]))
+"""
+
+
+def _generate(tmp_path, inline=False, **env):
+    env = {**os.environ, "KNOWLM_CACHE_DIR": str(tmp_path / "cache"), **env}
+    for name in ("MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"):
+        if name not in env or env[name] is None:
+            env.pop(name, None)
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "run.py").write_text(SCRIPT, encoding="utf-8")
+    command = ["-c", SCRIPT] if inline else ["run.py"]
+    done = subprocess.run([sys.executable, *command], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.split("TOKENS", 1)[1])
+
+
+def _graphs(tmp_path):
+    return {str(path): path.stat().st_mtime_ns for path in (tmp_path / "cache").rglob("*.mindir")}
+
+
+def test_second_process_loads_cached_graphs_and_generates_the_same_tokens(tmp_path):
+    unset = {"MS_COMPILER_CACHE_ENABLE": None, "MS_COMPILER_CACHE_PATH": None}
+    first = _generate(tmp_path, **unset)
+    written = _graphs(tmp_path)
+    assert len(written) >= 2                           # the prefill graph and the decode-step graph
+    assert _generate(tmp_path, **unset) == first
+    assert _graphs(tmp_path) == written                # loaded, not compiled and written again
+    assert _generate(tmp_path / "off", MS_COMPILER_CACHE_ENABLE="0") == first   # uncached reference
+    assert not _graphs(tmp_path / "off")
+    # No entry script to hash (`python -c`): generation works, without the cache.
+    assert _generate(tmp_path / "inline", inline=True, **unset) == first
+    assert not _graphs(tmp_path / "inline")
+
+
+def test_cache_is_on_only_while_generating_and_the_users_setting_wins(monkeypatch, tmp_path):
+    config = KnowLMConfig.from_name("tiny", use_past=True)
+    monkeypatch.setenv("KNOWLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MS_COMPILER_CACHE_ENABLE", raising=False)
+    monkeypatch.delenv("MS_COMPILER_CACHE_PATH", raising=False)
+    with compile_cache(config):
+        assert os.environ["MS_COMPILER_CACHE_ENABLE"] == "1"
+        path = os.environ["MS_COMPILER_CACHE_PATH"]
+        assert path.startswith(str(tmp_path / "graphs"))
+    # Off again afterwards: a training graph compiled later in the process, or a child process, is not cached.
+    assert "MS_COMPILER_CACHE_ENABLE" not in os.environ and "MS_COMPILER_CACHE_PATH" not in os.environ
+    with compile_cache(KnowLMConfig.from_name("tiny", use_past=True, seq_length=64)):
+        assert os.environ["MS_COMPILER_CACHE_PATH"] != path                   # one folder per model config
+    monkeypatch.setenv("MS_COMPILER_CACHE_ENABLE", "0")
+    with compile_cache(config):
+        assert os.environ["MS_COMPILER_CACHE_ENABLE"] == "0"
+    assert os.environ["MS_COMPILER_CACHE_ENABLE"] == "0"
+
+
+def test_knowlm_command_output_has_no_mindspore_notices_with_or_without_cached_graphs(tmp_path):
+    command = [str(Path(sys.executable).with_name("knowlm")), "generate", "--model", "tiny", "--max-new-tokens",
+               "4", "知识图谱"]
+    env = {key: value for key, value in os.environ.items() if key not in ("GLOG_v", "MS_COMPILER_CACHE_ENABLE")}
+    env["KNOWLM_CACHE_DIR"] = str(tmp_path / "cache")
+    for _ in range(2):      # compiles and writes the cache, then loads it
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "[WARNING]" not in done.stderr and done.stdout.startswith("知识图谱")
+    assert list((tmp_path / "cache").rglob("*.mindir"))

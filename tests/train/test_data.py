@@ -1,0 +1,102 @@
+"""prepare-data: prompt masking that lines up with the model's own shift, truncation, malformed records."""
+import json
+
+import mindspore as ms
+import mindspore.dataset as ds
+import numpy as np
+import pytest
+
+from knowlm import KnowLMConfig, KnowLMError, KnowLMForCausalLM, KnowLMTokenizer
+from knowlm.tokenizer.chat import ALPACA
+from knowlm.train.data import IGNORE_INDEX, PrepareReport, encode_sample, prepare_data, read_instructions
+from knowlm.tokenizer.spm import BUILTIN_TOKENIZER
+
+RECORD = {"instruction": "从句子中抽取三元组", "input": "鲁迅出生于浙江绍兴。", "output": "(鲁迅,出生地,绍兴)"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return KnowLMTokenizer(vocab_file=str(BUILTIN_TOKENIZER))
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)
+                              for line in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_supervised_positions_predict_exactly_the_response_and_eos(tokenizer):
+    input_ids, labels = encode_sample(tokenizer, RECORD, seq_length=200)
+    response = tokenizer.encode(RECORD["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    # LlamaForCausalLM trains position t on labels[t + 1]: list what each supervised position must predict.
+    targets = [(input_ids[t], labels[t + 1]) for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
+    assert [target for _, target in targets] == response
+    prompt = tokenizer.encode(ALPACA.render(RECORD["instruction"], RECORD["input"]), add_special_tokens=False)
+    assert targets[0][0] == prompt[-1]          # the first response token is predicted from the prompt's end
+
+
+def test_model_loss_equals_cross_entropy_over_response_tokens(tokenizer):
+    ms.set_seed(0)
+    model = KnowLMForCausalLM(KnowLMConfig.from_name("tiny", seq_length=200))
+    input_ids, labels = encode_sample(tokenizer, RECORD, seq_length=200)
+    logits = model(ms.Tensor(input_ids[None, :-1]))[0].asnumpy().reshape(200, -1)
+    model.set_train(True)
+    loss = float(model(ms.Tensor(input_ids[None]), labels=ms.Tensor(labels[None])).asnumpy().item())
+    positions = [t for t in range(200) if labels[t + 1] != IGNORE_INDEX]
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = -np.mean([log_probs[t, labels[t + 1]] for t in positions])
+    assert abs(loss - expected) < 1e-5
+
+
+def test_short_seq_length_cuts_the_prompt_but_keeps_response_supervised(tokenizer):
+    report = PrepareReport()
+    input_ids, labels = encode_sample(tokenizer, RECORD, seq_length=24, report=report)
+    response = tokenizer.encode(RECORD["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert len(input_ids) == 25 and (report.prompt_truncated, report.truncated) == (1, 0)
+    assert [int(x) for x in labels if x != IGNORE_INDEX] == response
+
+
+def test_long_response_is_truncated_and_counted(tokenizer):
+    report = PrepareReport()
+    _, labels = encode_sample(tokenizer, dict(RECORD, output="知识图谱" * 60), seq_length=128, report=report)
+    assert report.truncated == 1 and (labels != IGNORE_INDEX).sum() >= 16
+
+
+def test_mindrecord_output_reads_back_and_is_not_overwritten(tokenizer, tmp_path):
+    source = write_jsonl(tmp_path / "d.jsonl", [RECORD, {"instruction": "Name the capital of Japan.",
+                                                         "output": "Tokyo"}])
+    out = tmp_path / "train.mindrecord"
+    report = prepare_data(source, tokenizer, out, seq_length=64)
+    rows = list(ds.MindDataset(str(out), shuffle=False).create_dict_iterator(output_numpy=True))
+    assert report.samples == 2 and len(rows) == 2 and rows[0]["input_ids"].shape == (65,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "train.mindrecord", "train.mindrecord.db"]
+    with pytest.raises(KnowLMError, match="already exists; pass --force"):
+        prepare_data(source, tokenizer, out, seq_length=64)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"instruction": "x", "output": ', r"d.jsonl:2: invalid JSON"),
+    ('{"instruction": "x"}', r"d.jsonl:2: missing field 'output'"),
+    ('{"instruction": "x", "output": 3}', r"d.jsonl:2: field 'output' must be a string, got int"),
+    ('["a", "b"]', r"d.jsonl:2: expected a JSON object, got list"),
+])
+def test_malformed_record_stops_with_file_and_line(tmp_path, line, problem):
+    source = write_jsonl(tmp_path / "d.jsonl", [RECORD, line, RECORD])
+    with pytest.raises(KnowLMError, match=problem + ".*pass --skip-bad"):
+        list(read_instructions(source))
+
+
+def test_skip_bad_skips_and_counts(tmp_path):
+    report = PrepareReport()
+    source = write_jsonl(tmp_path / "d.jsonl", [RECORD, "not json", {"output": "x"}, RECORD])
+    assert len(list(read_instructions(source, skip_bad=True, report=report))) == 2
+    assert report.skipped == 2 and report.problems[0].startswith(f"{source}:2: invalid JSON")
+
+
+def test_json_array_input_names_the_bad_record_by_number(tmp_path):
+    source = tmp_path / "d.json"
+    source.write_text(json.dumps([RECORD, "just a string", RECORD], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(KnowLMError, match=r"d.json \(record 2\): expected a JSON object, got str"):
+        list(read_instructions(source))
+    assert len(list(read_instructions(source, skip_bad=True, report=PrepareReport()))) == 2
