@@ -22,7 +22,6 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
    greedy decoding runs many such steps, argmax included, in one op; without a KV cache (training), the
    attention's RoPE is one op forward and one backward.
 """
-import contextlib
 import copy
 
 import mindspore as ms
@@ -190,10 +189,13 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             self._batch_size = batch
             for phase in ("prefill", "increment"):
                 self.phase_cache.pop(phase, None)
-        with contextlib.nullcontext() if on_ascend() else compile_cache(self.config, self.kernel_library):
-            greedy = None if on_ascend() else greedy_config(self, generation_config, logits_processor, kwargs)
+        if on_ascend():
+            return super().generate(input_ids, generation_config=generation_config,
+                                    logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)
+        greedy = greedy_config(self, generation_config, logits_processor, kwargs)
+        # knowlm's greedy loop and MindFormers' compile different graphs: part of the compile cache's key.
+        with compile_cache(self.config, self.kernel_library, graphs=(batch, greedy is not None)):
             if greedy is not None:
                 return greedy_search(self, np.reshape(input_ids, (batch, width)), greedy, streamer)
             return super().generate(input_ids, generation_config=generation_config,
                                     logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)
-
