@@ -10,33 +10,39 @@ import os
 import sys
 
 from knowlm import __version__
-from knowlm.errors import KnowLMError
+from knowlm.errors import KnowLMError, describe
 
 
-def _frameworks():
-    """Load MindSpore and MindFormers quietly: MindSpore's C++ log at errors only (read once, when it loads), and
-    MindFormers' log, which its import starts on stdout, at warnings on stderr: results go to stdout."""
+def _frameworks(args):
+    """Load MindSpore and MindFormers quietly, before a verb imports them: MindSpore's C++ log at errors only (read
+    once, when it loads); MindFormers' log files under knowlm's cache folder instead of ``./output`` in the current
+    folder, and its console log (which it starts on stdout) on stderr, at errors only unless ``--verbose``: results
+    go to stdout, and one line tells what went wrong."""
     if "mindspore" not in sys.modules:
-        os.environ.setdefault("GLOG_v", "3")
+        os.environ.setdefault("GLOG_v", "2" if args.verbose else "3")
+    from knowlm.files import cache_dir
+    os.environ.setdefault("LOCAL_DEFAULT_PATH", str(cache_dir() / "mindformers"))
+    if not args.verbose:
+        # MindFormers makes new loggers as it goes (one per log folder, the Trainer's among them), each at INFO.
+        logging.disable(logging.WARNING)
     with contextlib.redirect_stdout(sys.stderr):
-        from mindformers.tools.logger import get_logger
-    get_logger().setLevel(logging.WARNING)
+        import mindformers  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------------ models
 
 def cmd_generate(args):
-    _frameworks()
-    from knowlm.generate import generate
+    _frameworks(args)
+    from knowlm.generate import check_generation, generate
     from knowlm.models.load import RANDOM_INIT_PRESETS, load_model
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_k=args.top_k, top_p=args.top_p,
+                   temperature=args.temperature, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    check_generation(**options)         # before a model is loaded
     if args.model in RANDOM_INIT_PRESETS:
-        print(f"knowlm: preset {args.model!r} has random weights (seed {args.seed or 0}): its text is noise; "
+        print(f"knowlm: preset {args.model!r} has random weights: its text is noise; "
               "pass a converted model directory for real output", file=sys.stderr)
     model, tokenizer = load_model(args.model, use_past=not args.no_cache, batch_size=len(args.prompt))
-    texts = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                     top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                     repetition_penalty=args.repetition_penalty, seed=args.seed)
-    for prompt, text in zip(args.prompt, texts):
+    for prompt, text in zip(args.prompt, generate(model, tokenizer, args.prompt, **options)):
         print(prompt + text)
 
 
@@ -58,27 +64,27 @@ def add_generate(verbs):
 
 
 def cmd_convert(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.checkpoints.convert import convert_checkpoint
     print(convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
                              check_finite=args.check_finite, echo=print))
 
 
 def cmd_export(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.checkpoints.convert import export_checkpoint
     print(export_checkpoint(args.model_dir, args.hf_dir, force=args.force, echo=print))
 
 
 def cmd_merge_lora(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.checkpoints.lora import merge_lora
     print(merge_lora(args.base_dir, args.lora, args.out_dir, lora_config=args.lora_config, force=args.force,
                      echo=print))
 
 
 def cmd_import_peft(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.checkpoints.lora import import_peft_adapter
     print(import_peft_adapter(args.peft_dir, args.out_dir, force=args.force, echo=print))
 
@@ -115,7 +121,7 @@ def add_checkpoints(verbs):
 # ---------------------------------------------------------------------------------------------- training
 
 def cmd_prepare_data(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.tokenizer.spm import KnowLMTokenizer
     from knowlm.train.data import prepare_data
     report = prepare_data(args.input, KnowLMTokenizer(vocab_file=args.tokenizer), args.output, args.seq_length,
@@ -126,14 +132,14 @@ def cmd_prepare_data(args):
 
 
 def cmd_finetune(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.train.finetune import finetune
     finetune(args.config, resume=args.resume, max_steps=args.max_steps, export_merged=args.export_merged,
-             **_shaping(args))
+             force=args.force, **_shaping(args))
 
 
 def cmd_check_config(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.train.launch import check_config
     problems = check_config(args.config, devices=args.devices, **_shaping(args))
     if problems:
@@ -182,6 +188,8 @@ def add_training(verbs):
     tune = verbs.add_parser("finetune", parents=[shaping], help="LoRA or full fine-tuning with MindFormers' Trainer")
     tune.add_argument("--config", required=True, help="finetune yaml, e.g. knowlm/configs/tiny/finetune_lora.yaml")
     tune.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    tune.add_argument("--force", action="store_true",
+                      help="start over in an output folder that holds an earlier run's checkpoints")
     tune.add_argument("--max-steps", type=int, help="stop after this many steps")
     tune.add_argument("--export-merged", metavar="DIR",
                       help="at the end, write the trained model (LoRA merged) as a model directory")
@@ -204,7 +212,7 @@ def add_training(verbs):
 # --------------------------------------------------------------------------------- information extraction
 
 def cmd_extract(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.generate import text_generator
     from knowlm.ie.extract import extract_file
     from knowlm.ie.prompts import default_family
@@ -217,8 +225,10 @@ def cmd_extract(args):
 
 
 def cmd_evaluate(args):
-    from knowlm.files import write_json
+    from knowlm.files import refuse_output, write_json
     from knowlm.ie.evaluate import evaluate, format_table
+    if args.output:
+        refuse_output(args.output, args.force, args.pred, args.gold)
     scores = evaluate(args.pred, args.gold, task=args.task, by=args.by, match_mode=args.match_mode, fmt=args.format)
     print(format_table(scores))
     if args.output:
@@ -227,7 +237,7 @@ def cmd_evaluate(args):
 
 def cmd_kg2instruct(args):
     from knowlm.ie.kg2instruct import kg2instruct_file
-    count = kg2instruct_file(args.input, args.output, schema_path=args.schema, family=args.family,
+    count = kg2instruct_file(args.input, args.output, schema_path=args.schema, force=args.force, family=args.family,
                              neg_ratio=args.neg_ratio, seed=args.seed, **_ie_prompting(args))
     print(f"kg2instruct: {args.output}: {count} samples")
 
@@ -288,6 +298,7 @@ def add_ie(verbs):
     ev.add_argument("--match-mode", default="normal", help="normal (duplicates count, default) or set")
     ev.add_argument("--format", default="oneke", help="answer format of raw 'output' predictions; default oneke")
     ev.add_argument("--output", help="write the scores here as JSON")
+    ev.add_argument("--force", action="store_true", help="overwrite an existing --output")
     ev.set_defaults(run=cmd_evaluate)
 
     kg = verbs.add_parser("kg2instruct", parents=[_prompting()],
@@ -299,13 +310,14 @@ def add_ie(verbs):
     kg.add_argument("--neg-ratio", type=float, default=1.0,
                     help="probability of asking about each absent relation; default 1 (all, as IEPile)")
     kg.add_argument("--seed", type=int, default=42)
+    kg.add_argument("--force", action="store_true", help="overwrite an existing output")
     kg.set_defaults(run=cmd_kg2instruct)
 
 
 # -------------------------------------------------------------------------------------------- quickstart
 
 def cmd_quickstart(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.quickstart import quickstart, report
     steps = {"steps": args.steps} if args.steps is not None else {}
     print(report(quickstart(workdir=args.workdir, seed=args.seed, keep=args.keep, **steps)))
@@ -324,9 +336,14 @@ def add_quickstart(verbs):
 def build_parser():
     parser = argparse.ArgumentParser(prog="knowlm", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--version", action="version", version=f"knowlm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
+    parser.add_argument("--verbose", action="store_true", help="show MindSpore's and MindFormers' log messages")
     verbs = parser.add_subparsers(dest="verb", required=True)
     for add in (add_quickstart, add_generate, add_training, add_ie, add_checkpoints):
         add(verbs)
+    for verb in verbs.choices.values():     # also after the verb; SUPPRESS keeps a value given before it
+        verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        verb.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -335,11 +352,18 @@ def main(argv=None):
 
 
 def run(args):
-    """Run ``args.run(args)``; bad input ends with one line on stderr and exit status 2."""
+    """Run ``args.run(args)``; bad input, and files that cannot be read or written, end with one line on stderr and
+    exit status 2 (``--debug``: the traceback too); Ctrl-C with one line and status 130."""
     try:
         args.run(args)
-    except KnowLMError as err:
-        print(f"knowlm: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("knowlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:        # noqa: BLE001  (describe() picks the expected classes; others re-raise)
+        message = describe(err)
+        if message is None or args.debug:
+            raise
+        print(f"knowlm: error: {message}", file=sys.stderr)
         return 2
     return 0
 

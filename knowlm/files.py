@@ -67,6 +67,32 @@ def write_json(path, values: dict):
         json.dumps(values, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"))
 
 
+def read_text(path, what) -> str:
+    """The UTF-8 text of ``path``; a missing or undecodable file is one line naming it and ``what`` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise KnowLMError(f"{path}: not found; expected {what}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise KnowLMError(f"{path}: not UTF-8 text (byte {err.start}); expected {what}") from None
+
+
+def read_yaml(path, what) -> dict:
+    """``path`` parsed as a yaml mapping; a syntax error is one line with the file, line and column."""
+    import yaml     # here, not at the top: most of knowlm reads no yaml
+    try:
+        values = yaml.safe_load(read_text(path, what))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise KnowLMError(f"{where}: invalid yaml ({getattr(err, 'problem', None) or first_line(err)}); "
+                          f"expected {what}") from None
+    if not isinstance(values, dict):
+        raise KnowLMError(f"{path}: expected {what} (a yaml mapping), got {type(values).__name__}")
+    return values
+
+
 def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -96,6 +122,14 @@ def refuse_existing(path, force: bool):
         raise KnowLMError(f"{path}: already exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def refuse_output(path, force: bool, *inputs):
+    """``refuse_existing`` for an output file, which must also not be one of the job's ``inputs``."""
+    for source in inputs:
+        if source is not None and Path(path).resolve() == Path(source).resolve():
+            raise KnowLMError(f"{path}: is also an input of this command; choose another output file")
+    return refuse_existing(path, force)
 
 
 def prepare_output_dir(output_dir, force: bool, marker: str = CONFIG_NAME, source_dir=None, stale=None) -> Path:

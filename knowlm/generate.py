@@ -1,7 +1,38 @@
 """Text in, text out: ``generate`` continues prompts with a loaded model and its tokenizer; ``text_generator`` makes
-such a function from anything ``load_model`` accepts, for ``knowlm.ie.extract``."""
+such a function from anything ``load_model`` accepts, for ``knowlm.ie.extract``.
+
+Every option is checked where it enters, under the name of its command-line flag; nothing is capped or replaced
+without a word.
+"""
 from knowlm.errors import KnowLMError
 from knowlm.models.load import load_model
+
+
+class PromptTooLong(KnowLMError):
+    """A prompt leaves no room for the tokens asked for; ``index`` is its position in the batch."""
+
+    def __init__(self, message, index):
+        super().__init__(message)
+        self.index = index
+
+
+def check_generation(max_new_tokens=64, do_sample=False, top_k=50, top_p=1.0, temperature=1.0,
+                     repetition_penalty=1.0, seed=None):
+    """Refuse an option out of its range (``KnowLMError`` naming the flag), before any model is loaded."""
+    checks = [("--max-new-tokens", max_new_tokens, int, lambda v: v >= 1, "an integer >= 1"),
+              ("--top-k", top_k, int, lambda v: v >= 0, "an integer >= 0 (0: no top-k filter)"),
+              ("--top-p", top_p, (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+              ("--temperature", temperature, (int, float), lambda v: v > 0, "a number > 0"),
+              ("--repetition-penalty", repetition_penalty, (int, float), lambda v: v > 0,
+               "a number > 0 (1: no penalty)"),
+              ("--seed", seed, int, lambda v: v is None or 0 <= v < 2 ** 32, "an integer in [0, 2**32)")]
+    for flag, value, kind, valid, expected in checks:
+        if flag == "--seed" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or not valid(value):
+            raise KnowLMError(f"{flag} {value}: expected {expected}")
+    if not isinstance(do_sample, bool):
+        raise KnowLMError(f"--do-sample {do_sample!r}: expected true or false")
 
 
 def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_k=50, top_p=1.0,
@@ -9,25 +40,36 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_
     """Continue each prompt; returns the generated text only (prompt excluded), one string per prompt.
 
     Prompts of different lengths are right-padded with the pad token, which MindFormers' ``generate`` reads as
-    "valid length ends here"; every row then decodes from its own last token.
+    "valid length ends here"; every row then decodes from its own last token. A prompt whose tokens and
+    ``max_new_tokens`` do not fit the model's ``seq_length`` is refused (``PromptTooLong``).
     """
+    options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=top_k, top_p=top_p,
+                   temperature=temperature, repetition_penalty=repetition_penalty, seed=seed)
+    check_generation(**options)
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
         raise KnowLMError("no prompt given; expected at least one prompt")
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    seq_length = model.config.seq_length
+    for index, ids in enumerate(encoded):
+        if len(ids) + max_new_tokens > seq_length:
+            raise PromptTooLong(f"prompt {index + 1} is {len(ids)} tokens; with --max-new-tokens "
+                                f"{max_new_tokens} that passes the model's seq_length {seq_length}: shorten the "
+                                f"prompt, lower --max-new-tokens to at most {max(seq_length - len(ids), 0)}, or "
+                                "raise seq_length", index)
     width = max(len(ids) for ids in encoded)
     padded = [ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in encoded]
-    if do_sample and temperature <= 0:
-        raise KnowLMError(f"temperature {temperature}: expected a value > 0 when sampling")
-    outputs = model.generate(padded, max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=top_k, top_p=top_p,
-                             temperature=temperature, repetition_penalty=repetition_penalty, seed=seed)
+    outputs = model.generate(padded, **options)
     return [tokenizer.decode(list(out[len(ids):]), skip_special_tokens=True) for ids, out in zip(encoded, outputs)]
 
 
 def text_generator(model, batch_size, **generation):
     """A function from a list of prompts to their continuations: ``generate`` with ``generation`` options over
     ``load_model(model)``, loaded at the first call, so that bad input fails before a large model is loaded."""
+    check_generation(**generation)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise KnowLMError(f"--batch-size {batch_size}: expected an integer >= 1")
     loaded = []
 
     def run(prompts):
