@@ -44,6 +44,8 @@ def read_gold(path, task, by=None):
         if key not in gold:
             group = str(record.get(by, "None")) if by else None
             gold[key] = (to_tuples(task, _gold_answers(task, record, where), where), group)
+    if by and gold and all(group == "None" for _, group in gold.values()):
+        raise KnowLMError(f"--by {by}: no record of {path} has a {by!r} field; expected a field of the gold records")
     return gold
 
 

@@ -41,11 +41,17 @@ def extract(records, task, schema, generate, family="knowlm", language="auto", t
 
 def _results(records, languages, task, schema, generate, family, template, fmt, split_num, chat, batch_size):
     pending = deque()  # (record, prompts, answers) in input order
-    queue = []         # (answers of its record, prompt text) waiting for the model
+    queue = []         # (record, its answers, prompt text) waiting for the model
 
     def run(count):
         batch, queue[:count] = queue[:count], []
-        for (answers, _), text in zip(batch, generate([prompt for _, prompt in batch])):
+        try:
+            texts = generate([prompt for *_, prompt in batch])
+        except KnowLMError as err:      # e.g. a prompt too long for the model (knowlm.generate.PromptTooLong)
+            if getattr(err, "index", None) is None:
+                raise
+            raise RecordError(batch[err.index][0], str(err)) from None
+        for (_, answers, _), text in zip(batch, texts):
             answers.append(chat.answer(text))
 
     def finished():
@@ -57,13 +63,21 @@ def _results(records, languages, task, schema, generate, family, template, fmt, 
                                 fmt, split_num)
         answers = []
         pending.append((record, prompts, answers))
-        queue.extend((answers, chat.render(prompt.instruction, prompt.input)) for prompt in prompts)
+        queue.extend((record, answers, chat.render(prompt.instruction, prompt.input)) for prompt in prompts)
         while len(queue) >= batch_size:
             run(batch_size)
             yield from finished()
     while queue:
         run(batch_size)
         yield from finished()
+
+
+class RecordError(KnowLMError):
+    """A failure that belongs to one input record."""
+
+    def __init__(self, record, message):
+        super().__init__(message)
+        self.record = record
 
 
 def _result(task, fmt, record, prompts, answers):
@@ -87,15 +101,24 @@ def extract_file(generate, input_path, output_path, task, schema_path, resume=Fa
     for where, record in records:
         schema_for(schema, language_of(record) if language == "auto" else language, f"{schema_path} ({where})")
     output = Path(output_path)
+    if output.resolve() == Path(input_path).resolve():
+        raise KnowLMError(f"{output}: is the input file; choose another output file")
     done = set()
     if output.exists():
         if not resume:
             raise KnowLMError(f"{output}: already exists; pass --resume to continue it, or remove it")
         done = _completed_keys(output)
+        inputs = {record_key(record, where) for where, record in records}
+        if done - inputs:
+            source, iid = sorted(done - inputs)[0]
+            raise KnowLMError(f"{output}: holds results for ids not in {input_path} (e.g. {iid!r}"
+                              f"{f' of source {source!r}' if source else ''}): it is another run's output; "
+                              "choose another output file")
     todo = [record for where, record in records if record_key(record, where) not in done]
+    where_of = {id(record): where for where, record in records}
     written, out = 0, None
     try:
-        for result in extract(todo, task, schema, generate, language=language, **options):
+        for result in _located(extract(todo, task, schema, generate, language=language, **options), where_of):
             # Opened at the first result: a run that fails to start (e.g. its model does not load) leaves no file.
             out = out or output.open("a", encoding="utf-8")
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
@@ -105,6 +128,14 @@ def extract_file(generate, input_path, output_path, task, schema_path, resume=Fa
         if out:
             out.close()
     return written, len(records) - len(todo)
+
+
+def _located(results, where_of):
+    """``results``, with a failure of one record told by its input line and id."""
+    try:
+        yield from results
+    except RecordError as err:
+        raise KnowLMError(f"{where_of[id(err.record)]} (id {err.record['id']!r}): {err}") from None
 
 
 def _read_inputs(path):

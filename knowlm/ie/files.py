@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 from knowlm.errors import KnowLMError
-from knowlm.files import atomic_write
+from knowlm.files import atomic_write, read_text
 
 
 def read_jsonl(path, what):
@@ -12,7 +12,7 @@ def read_jsonl(path, what):
     if not path.is_file():
         raise KnowLMError(f"{path}: not found; expected a JSONL file of {what}")
     with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+        for number, line in _decoded(path, lines):
             if not line.strip():
                 continue
             try:
@@ -22,6 +22,15 @@ def read_jsonl(path, what):
             if not isinstance(value, dict):
                 raise KnowLMError(f"{path}:{number}: expected a JSON object of {what}, got {type(value).__name__}")
             yield number, value
+
+
+def _decoded(path, lines):
+    number = 0
+    try:
+        for number, line in enumerate(lines, 1):
+            yield number, line
+    except UnicodeDecodeError as err:
+        raise KnowLMError(f"{path}:{number + 1}: not UTF-8 text ({err.reason}); expected UTF-8 JSONL") from None
 
 
 def record_key(record, where):
@@ -46,10 +55,8 @@ def load_schema(path, task):
     objects for ``ee``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise KnowLMError(f"{path}: schema file not found; expected a JSON list of {_ITEM[task]}")
     try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
+        schema = json.loads(read_text(path, f"a schema file: a JSON list of {_ITEM[task]}"))
     except json.JSONDecodeError as err:
         raise KnowLMError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
     lists = schema.values() if isinstance(schema, dict) else [schema]

@@ -13,6 +13,7 @@ Output lines are Alpaca-style ``{instruction, input, output}`` for ``knowlm prep
 import random
 
 from knowlm.errors import KnowLMError
+from knowlm.files import refuse_output
 from knowlm.ie.files import load_schema, read_jsonl, record_key, record_text, schema_for, write_jsonl
 from knowlm.ie.formats import render
 from knowlm.ie.prompts import FAMILY_DEFAULTS, SPLIT_NUM, build_prompt, check_family, split_schema, template_count
@@ -77,8 +78,10 @@ def read_instructie(path):
     return records
 
 
-def kg2instruct_file(input_path, output_path, schema_path=None, **options):
-    """``kg2instruct`` from and to JSONL files; returns the number of samples written."""
+def kg2instruct_file(input_path, output_path, schema_path=None, force=False, **options):
+    """``kg2instruct`` from and to JSONL files; returns the number of samples written. An existing output is
+    replaced only with ``force``, and never when it is the input."""
+    refuse_output(output_path, force, input_path)
     schema = load_schema(schema_path, TASK) if schema_path else None
     samples = kg2instruct(read_instructie(input_path), schema=schema, **options)
     write_jsonl(output_path, samples)

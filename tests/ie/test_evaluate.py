@@ -87,6 +87,26 @@ def test_cli_prints_a_table_and_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text(encoding="utf-8"))["total"]["missing"] == 2
 
 
+def test_existing_scores_are_kept_without_force_and_no_input_is_overwritten(tmp_path, capsys):
+    pred, gold = _write(tmp_path / "pred.jsonl", [{"id": "3", "source": "GIDS", "relation": []}]), _gold(tmp_path)
+    out = tmp_path / "scores.json"
+    out.write_text("{}", encoding="utf-8")
+    for target in (out, pred, gold):
+        before = target.read_bytes()
+        assert main(["evaluate", "--pred", str(pred), "--gold", str(gold), "--output", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(target) in err and target.read_bytes() == before
+    assert main(["evaluate", "--pred", str(pred), "--gold", str(gold), "--output", str(out), "--force"]) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["total"]["records"] == 3
+
+
+def test_by_a_field_no_gold_record_has_is_refused(tmp_path, capsys):
+    pred = _write(tmp_path / "pred.jsonl", [{"id": "3", "source": "GIDS", "relation": []}])
+    assert main(["evaluate", "--pred", str(pred), "--gold", str(_gold(tmp_path)), "--by", "domain"]) == 2
+    assert capsys.readouterr().err == f"knowlm: error: --by domain: no record of {tmp_path / 'gold.jsonl'} has a " \
+                                      "'domain' field; expected a field of the gold records\n"
+
+
 @pytest.mark.parametrize("pred_lines, message", [
     (['{"id": "1", "source": "NYT11", "relation": []}', '{"id": "9", "source": "NYT11", "relation": []}'],
      "pred.jsonl:2: id '9' (source 'NYT11') is not in the gold file"),

@@ -94,6 +94,38 @@ def test_resume_drops_a_line_cut_off_mid_write(tmp_path):
     assert preds.read_text(encoding="utf-8") == whole
 
 
+def test_resume_refuses_the_output_of_another_input(tmp_path):
+    texts, schema, preds = _files(tmp_path)
+    extract_file(FakeModel(), texts, preds, "re", schema)
+    before = preds.read_bytes()
+    other = _write(tmp_path / "other.jsonl", [{"id": "z", "text": "云州是青岚国的首都。"}])
+    with pytest.raises(KnowLMError, match="holds results for ids not in .*other.jsonl .*'a'.*another run's output"):
+        extract_file(FakeModel(), other, preds, "re", schema, resume=True)
+    assert preds.read_bytes() == before
+
+
+def test_output_that_is_the_input_is_refused(tmp_path):
+    texts, schema, _ = _files(tmp_path)
+    before = texts.read_bytes()
+    with pytest.raises(KnowLMError, match="is the input file"):
+        extract_file(FakeModel(), texts, texts, "re", schema, resume=True)
+    assert texts.read_bytes() == before
+
+
+def test_a_prompt_too_long_for_the_model_names_its_record_and_keeps_what_was_written(tmp_path):
+    from knowlm.generate import PromptTooLong
+    texts, schema, preds = _files(tmp_path)
+
+    def model(prompts):
+        for index, prompt in enumerate(prompts):
+            if "云州" in prompt:
+                raise PromptTooLong("prompt is 300 tokens", index)
+        return FakeModel()(prompts)
+    with pytest.raises(KnowLMError, match=r"texts.jsonl:3 \(id 'c'\): prompt is 300 tokens"):
+        extract_file(model, texts, preds, "re", schema, batch_size=1)
+    assert [r["id"] for r in _read(preds)] == ["a", "b"]
+
+
 def test_existing_output_is_not_appended_to_without_resume(tmp_path):
     texts, schema, preds = _files(tmp_path)
     preds.write_text("", encoding="utf-8")
@@ -103,7 +135,10 @@ def test_existing_output_is_not_appended_to_without_resume(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "qa"], "unknown task 'qa'; expected one of re, ner, ee"),
-    (["--schema", "missing.json"], "missing.json: schema file not found"),
+    (["--schema", "missing.json"], "missing.json: not found; expected a schema file"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: expected an integer >= 1"),
+    (["--repetition-penalty", "0"], "--repetition-penalty 0.0: expected a number > 0"),
     (["--template", "9"], "template 9: the re zh templates are numbered 0 to 3"),
     (["--format", "square"], "answer format 'square'"),
     ([], "model 'no-such-model': not a model directory"),
@@ -146,3 +181,13 @@ def test_cli_runs_the_tiny_model_and_writes_a_line_per_record(tmp_path, capsys):
     lines = _read(preds)
     assert [line["id"] for line in lines] == ["a", "b", "c"]
     assert [len(line["outputs"]) for line in lines] == [2, 1, 2]
+
+
+def test_cli_names_the_record_whose_prompt_does_not_fit_the_model(tmp_path, capsys):
+    texts, schema, preds = _files(tmp_path, RECORDS + [{"id": "long", "text": "青岚国的首都是云州。" * 40}])
+    assert main(["extract", "--model", "tiny", "--input", str(texts), "--schema", str(schema), "--output",
+                 str(preds), "--batch-size", "2", "--max-new-tokens", "3", "--template", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{texts}:4 (id 'long'): prompt " in err and "seq_length 256" in err
+    # What was done stays (c shared its batch with the long record's first prompt); --resume goes on from there.
+    assert [line["id"] for line in _read(preds)] == ["a", "b"]

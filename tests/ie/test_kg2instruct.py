@@ -106,5 +106,20 @@ def test_cli_rejects_a_bad_ratio_and_a_missing_schema(tmp_path, capsys):
     assert main(["kg2instruct", "--input", str(kg.TRAIN_RECORDS), "--output", out, "--neg-ratio", "2"]) == 2
     assert "negative ratio 2.0" in capsys.readouterr().err
     assert main(["kg2instruct", "--input", str(kg.TRAIN_RECORDS), "--output", out, "--schema", "none.json"]) == 2
-    assert "none.json: schema file not found" in capsys.readouterr().err
+    assert "none.json: not found; expected a schema file" in capsys.readouterr().err
 
+
+
+def test_existing_output_is_kept_without_force_and_the_input_is_never_the_output(tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text("keep me\n", encoding="utf-8")
+    records = tmp_path / "records.jsonl"
+    records.write_bytes(kg.TRAIN_RECORDS.read_bytes())
+    for target in (out, records):
+        before = target.read_bytes()
+        assert main(["kg2instruct", "--input", str(records), "--output", str(target), "--force"
+                     if target == records else "--family=knowlm"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(target) in err and target.read_bytes() == before
+    assert main(["kg2instruct", "--input", str(records), "--output", str(out), "--force"]) == 0
+    assert out.read_text(encoding="utf-8") != "keep me\n"
