@@ -16,7 +16,7 @@ from knowlm.errors import KnowLMError
 
 
 def cmd_convert_weight(args):
-    _frameworks()
+    _frameworks(args)
     from knowlm.checkpoints.convert import convert_checkpoint
     source = Path(args.torch_bin_path)
     if not source.is_file():
@@ -33,6 +33,8 @@ def main(argv=None):
                         help="output: a .ckpt file, or a knowlm model directory for any other name")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: the checkpoint's own")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
+    parser.add_argument("--verbose", action="store_true", help="show MindSpore's and MindFormers' log messages")
     parser.set_defaults(run=cmd_convert_weight)
     return run(parser.parse_args(argv))
 

@@ -16,11 +16,11 @@ fi
 MODE=$1 CONFIG=$2 DEVICES=$3 RUN_STATUS=$4
 shift 4
 KNOWLM=${KNOWLM:-knowlm}
-[ -f "$CONFIG" ] || { echo "run_distribute.sh: $CONFIG: config not found" >&2; exit 2; }
+source "$(dirname "$0")/common.sh"
+resolve_config "$CONFIG"
 [ "$RUN_STATUS" = finetune ] || { echo "run_distribute.sh: RUN_STATUS $RUN_STATUS: expected finetune" >&2; exit 2; }
 LOG_DIR=${OUTPUT_DIR:-output}/log
 mkdir -p "$LOG_DIR"
-source "$(dirname "$0")/common.sh"
 check_args "$@"
 
 if [ "$MODE" = msrun ]; then

@@ -12,7 +12,8 @@ fi
 CONFIG=$1 DEVICE_ID=$2 RUN_STATUS=$3
 shift 3
 KNOWLM=${KNOWLM:-knowlm}
-[ -f "$CONFIG" ] || { echo "run_standalone.sh: $CONFIG: config not found" >&2; exit 2; }
+source "$(dirname "$0")/common.sh"
+resolve_config "$CONFIG"
 export DEVICE_ID RANK_ID=0 RANK_SIZE=1
 LOG_DIR=${OUTPUT_DIR:-output}/log
 mkdir -p "$LOG_DIR"

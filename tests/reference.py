@@ -75,3 +75,14 @@ def one_line_error(call, match):
         call()
     assert "\n" not in str(err.value)
     return str(err.value)
+
+
+def fails_with_one_line(argv, capsys, *fragments):
+    """``knowlm ARGV`` exits 2 with exactly one line on stderr, ``knowlm: error: ...`` holding each fragment."""
+    from knowlm.cli import main
+    assert main([str(arg) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("knowlm: error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

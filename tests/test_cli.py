@@ -8,6 +8,7 @@ import pytest
 from knowlm import KnowLMForCausalLM, KnowLMTokenizer
 from knowlm.cli import main
 from knowlm.generate import generate
+from reference import fails_with_one_line
 
 
 def test_generate_prints_prompt_and_continuation_equal_to_library(model_dir, capsys):
@@ -25,16 +26,6 @@ def test_generate_with_seed_is_reproducible(model_dir, capsys):
     first = capsys.readouterr().out
     main(args)
     assert capsys.readouterr().out == first
-
-
-def fails_with_one_line(argv, capsys, *fragments):
-    """``knowlm ARGV`` exits 2 with exactly one line on stderr, ``knowlm: error: ...`` holding each fragment."""
-    assert main([str(arg) for arg in argv]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("knowlm: error: "), err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 @pytest.mark.parametrize("flag, value, expected", [

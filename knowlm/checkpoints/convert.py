@@ -1,9 +1,12 @@
 """``knowlm convert`` and ``knowlm export``: Hugging Face LLaMA directories <-> knowlm model directories, streamed.
 
 ``convert_checkpoint`` checks every name, shape and dtype before writing, writes one MindSpore shard per input shard
-(so memory stays near one input shard), renames each file only when complete, and re-reads what it wrote.
-``export_checkpoint`` writes the reverse as safetensors shards, bytes unchanged.
+(so memory stays near one input shard) with MindSpore's CRC trailer, checks every cast on the way (a narrowing one for
+overflow, always), and re-reads the headers it wrote. ``export_checkpoint`` writes the reverse as safetensors shards,
+bytes unchanged, after checking each MindSpore file's checksum. Both write the whole result under temporary names
+(``staged_output``) and publish it only when complete and checked: a failure leaves the output as it was, or absent.
 """
+import contextlib
 import time
 from dataclasses import dataclass
 from math import prod
@@ -21,7 +24,7 @@ from knowlm.checkpoints.names import (HF_TO_MINDSPORE, UNKNOWN, check_tensors, e
 from knowlm.checkpoints.stream import DTYPE_ALIASES, DTYPES
 from knowlm.errors import KnowLMError
 from knowlm.files import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_copy,
-                          atomic_write, prepare_output_dir, read_json, refuse_existing, write_json)
+                          read_json, refuse_existing, staged, write_json)
 from knowlm.tokenizer.spm import check_sentencepiece
 
 
@@ -64,13 +67,47 @@ def progress_bar(total, desc):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
 
 
+@contextlib.contextmanager
+def staged_output(output_dir, names, force, source_dir=None, marker=CONFIG_NAME, stale=None):
+    """Temporary paths for the files ``names`` of ``output_dir`` (``marker``, whose presence says complete, last).
+
+    The body writes and checks them. On a clean exit the old result goes (its marker first, then the files matching
+    the glob ``stale``: its parts, which the new result may not all replace) and the new files are renamed into
+    place, the marker last. On any failure nothing is published: ``output_dir`` is as it was, or absent if it did
+    not exist. A result already there is refused unless ``force``; ``source_dir``: the input, never the output.
+    """
+    output_dir = Path(output_dir)
+    if names[-1] != marker:
+        raise ValueError(f"staged_output: {marker} must be the last of {names}")
+    if source_dir is not None and output_dir.resolve() == Path(source_dir).resolve():
+        raise KnowLMError(f"{output_dir}: is the input directory; choose another output directory")
+    if (output_dir / marker).exists() and not force:
+        raise KnowLMError(f"{output_dir}: already holds a result ({marker}); pass --force to overwrite it")
+    created = [path for path in (output_dir, *output_dir.parents) if not path.exists()]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with staged(*(output_dir / name for name in names)) as tmps:
+            yield tmps
+            (output_dir / marker).unlink(missing_ok=True)
+            for path in output_dir.glob(stale) if stale else ():
+                path.unlink()
+    except BaseException:
+        for path in created:            # deepest first; each is empty unless someone else wrote there meanwhile
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
 def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=False, prefer="safetensors",
                        echo=None) -> Summary:
     """Convert the Hugging Face LLaMA in ``hf_dir`` to a knowlm model directory ``output``.
 
     ``output`` ending in ``.ckpt`` writes a single MindSpore checkpoint file instead (the legacy command's
-    output). ``dtype`` (fp32/fp16/bf16) defaults to the checkpoint's ``torch_dtype``. ``echo`` (e.g. ``print``)
-    receives the resolved arguments before the work starts.
+    output). ``dtype`` (fp32/fp16/bf16) defaults to the checkpoint's ``torch_dtype``. A cast to a narrower range
+    (fp32 -> fp16 or bf16, bf16 -> fp16) is always checked for values that overflow it; ``check_finite`` checks
+    every converted value for inf and nan too (for a same-dtype conversion: the source's values). A failed check
+    names the file and tensor, and leaves ``output`` as it was. ``echo`` (e.g. ``print``) receives the resolved
+    arguments before the work starts.
     """
     start = time.time()
     hf_dir, output = Path(hf_dir), Path(output)
@@ -89,32 +126,34 @@ def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=Fal
     tokenizer = None if single_file else _checked_tokenizer(hf_dir / TOKENIZER_NAME, config.vocab_size)
     if single_file:
         refuse_existing(output, force)
-    else:
-        prepare_output_dir(output, force, source_dir=hf_dir, stale=WEIGHTS_GLOB)
-    if echo:
-        echo(f"knowlm convert: {hf_dir} ({len(files)} {files[0].suffix[1:]} file(s), "
-             f"{sum(map(len, plan))} tensors, {source_dtype}) -> {output} ({dtype})")
-
     plan = [entries for entries in plan if entries]
     if single_file:
-        targets = [(output, [e for entries in plan for e in entries])]
+        names, plan = [output.name], [[e for entries in plan for e in entries]]
     else:
         names = [WEIGHTS_NAME] if len(plan) == 1 else \
             [f"{Path(WEIGHTS_NAME).stem}-{i:05d}-of-{len(plan):05d}.ckpt" for i in range(1, len(plan) + 1)]
-        targets = [(output / name, entries) for name, entries in zip(names, plan)]
-    with progress_bar(sum(e.nbytes for entries in plan for e in entries), "convert") as bar:
-        for path, entries in targets:
-            atomic_write(path, lambda tmp, entries=entries: write_mindspore(tmp, entries, dtype, bar))
-    written = stream.validate([path for path, _ in targets], expected, output, dtype, check_finite)
-    if not single_file:
-        if len(targets) > 1:
-            weight_map = {e.name: Path(e.path).name for e in written}
-            write_json(output / WEIGHTS_INDEX_NAME, {"metadata": {"total_size": sum(e.nbytes for e in written)},
-                                                      "weight_map": weight_map})
-        atomic_copy(tokenizer, output / TOKENIZER_NAME)
-        values = config.to_dict()
-        values["checkpoint_name_or_path"] = ""
-        write_json(output / CONFIG_NAME, values)    # last: a directory with config.json is complete
+    outputs = staged(output) if single_file else staged_output(
+        output, [*names, *([WEIGHTS_INDEX_NAME] if len(names) > 1 else []), TOKENIZER_NAME, CONFIG_NAME], force,
+        source_dir=hf_dir, stale=WEIGHTS_GLOB)
+    with outputs as tmps:
+        if echo:
+            echo(f"knowlm convert: {hf_dir} ({len(files)} {files[0].suffix[1:]} file(s), "
+                 f"{sum(map(len, plan))} tensors, {source_dtype}) -> {output} ({dtype})")
+        shards = tmps[:len(names)]
+        with progress_bar(sum(e.nbytes for entries in plan for e in entries), "convert") as bar:
+            for tmp, entries in zip(shards, plan):
+                write_mindspore(tmp, entries, dtype, bar, check_finite)
+        written = stream.validate(shards, expected, output, dtype, checksum=False)
+        if not single_file:
+            index, tokenizer_tmp, config_tmp = tmps[len(names):] if len(names) > 1 else (None, *tmps[1:])
+            if index:
+                weight_map = {e.name: Path(e.path).name for e in written}
+                write_json(index, {"metadata": {"total_size": sum(e.nbytes for e in written)},
+                                   "weight_map": weight_map})
+            atomic_copy(tokenizer, tokenizer_tmp)
+            values = config.to_dict()
+            values["checkpoint_name_or_path"] = ""
+            write_json(config_tmp, values)
     return make_summary("converted", output, written, dtype, start)
 
 
@@ -159,26 +198,31 @@ def export_checkpoint(model_dir, hf_dir, force=False, echo=None) -> Summary:
     model_dir, hf_dir = Path(model_dir), Path(hf_dir)
     config = load_config(model_dir)
     expected = expected_shapes(config)
-    shards = [stream.scan(path) for path in checkpoint_files(model_dir)]
+    shards = [stream.verify(path) for path in checkpoint_files(model_dir)]
     entries = [e for shard in shards for e in shard]
     check_tensors(entries, expected, model_dir, dtype=entries[0].dtype if entries else None)
     dtype = entries[0].dtype
-    prepare_output_dir(hf_dir, force, source_dir=model_dir, stale="model*.safetensors*")
-    if echo:
-        echo(f"knowlm export: {model_dir} ({len(shards)} ckpt file(s), {len(entries)} tensors, {dtype}) "
-             f"-> {hf_dir}")
     names = [HF_SAFETENSORS] if len(shards) == 1 else \
         [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    with progress_bar(sum(e.nbytes for e in entries), "export") as bar:
-        for name, shard in zip(names, shards):
-            atomic_write(hf_dir / name, lambda tmp, shard=shard: write_safetensors(tmp, shard, bar))
-    validate_safetensors([hf_dir / name for name in names], expected, hf_dir, dtype)
-    if len(names) > 1:
-        write_json(hf_dir / HF_SAFETENSORS_INDEX, {
-            "metadata": {"total_size": sum(e.nbytes for e in entries)},
-            "weight_map": {mindspore_to_hf_name(e.name): name for name, shard in zip(names, shards) for e in shard}})
-    if (model_dir / TOKENIZER_NAME).is_file():
-        atomic_copy(model_dir / TOKENIZER_NAME, hf_dir / TOKENIZER_NAME)
-    write_json(hf_dir / CONFIG_NAME, hf_config_from_knowlm(config, dtype))
+    extra = [HF_SAFETENSORS_INDEX] if len(names) > 1 else []
+    tokenizer = [TOKENIZER_NAME] if (model_dir / TOKENIZER_NAME).is_file() else []
+    with staged_output(hf_dir, [*names, *extra, *tokenizer, CONFIG_NAME], force, source_dir=model_dir,
+                       stale="model*.safetensors*") as tmps:
+        if echo:
+            echo(f"knowlm export: {model_dir} ({len(shards)} ckpt file(s), {len(entries)} tensors, {dtype}) "
+                 f"-> {hf_dir}")
+        with progress_bar(sum(e.nbytes for e in entries), "export") as bar:
+            for tmp, shard in zip(tmps, shards):
+                write_safetensors(tmp, shard, bar)
+        validate_safetensors(tmps[:len(names)], expected, hf_dir, dtype)
+        rest = iter(tmps[len(names):])
+        if extra:
+            write_json(next(rest), {
+                "metadata": {"total_size": sum(e.nbytes for e in entries)},
+                "weight_map": {mindspore_to_hf_name(e.name): name for name, shard in zip(names, shards)
+                               for e in shard}})
+        if tokenizer:
+            atomic_copy(model_dir / TOKENIZER_NAME, next(rest))
+        write_json(next(rest), hf_config_from_knowlm(config, dtype))
     return make_summary("exported", hf_dir, entries, dtype, start)
 

@@ -180,23 +180,52 @@ def import_torch():
     return torch
 
 
-def tensor_bytes(tensor, dtype: str):
-    """The raw bytes of ``tensor`` cast to ``dtype`` (a view, without a copy, when nothing changes)."""
+def checked_cast(tensor, dtype: str, where: str, check_finite=False, hint=None):
+    """``tensor`` cast to ``dtype``, refused with one line starting ``where`` when the cast overflows (values finite
+    before, inf after: checked whenever ``dtype`` has the smaller range) or, with ``check_finite``, when the result
+    holds inf or nan. ``hint``: what to do about an overflow (by default: keep the source's dtype). One pass of
+    ``aminmax`` per check; the values are counted only when it finds something."""
     torch = import_torch()
-    flat = tensor.to(getattr(torch, dtype)).contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy()
+    cast = tensor.to(getattr(torch, dtype))
+    if tensor.numel() == 0:
+        return cast
+    limit = DTYPES[dtype].max
+    if limit < torch.finfo(tensor.dtype).max:
+        low, high = (float(v) for v in torch.aminmax(tensor))
+        if not -limit <= low <= high <= limit:          # out of range, or a nan (every comparison with nan is false)
+            overflow = int((torch.isinf(cast) & torch.isfinite(tensor)).sum())
+            if overflow:
+                source = str(tensor.dtype).removeprefix("torch.")
+                if hint is None:
+                    keep = [DTYPES[source].short] if source in DTYPES else []
+                    if dtype == "float16" and source != "bfloat16":
+                        keep.append("bf16")
+                    hint = "keep " + " or use ".join(keep)
+                values = "1 value overflows" if overflow == 1 else f"{overflow} values overflow"
+                raise KnowLMError(f"{where}: {values} {DTYPES[dtype].short} (max {limit:g}); {hint}")
+    if check_finite:
+        low, high = (float(v) for v in torch.aminmax(cast))
+        if not -float("inf") < low <= high < float("inf"):
+            bad = int((~torch.isfinite(cast)).sum())
+            raise KnowLMError(f"{where}: holds {bad} inf or nan value{'s' if bad != 1 else ''}")
+    return cast
 
 
-
-def write_mindspore(tmp, entries, dtype, bar):
-    """Write ``entries`` (planned ``HFTensor``s) to MindSpore file ``tmp``, one tensor at a time."""
+def write_mindspore(tmp, entries, dtype, bar, check_finite=False):
+    """Write ``entries`` (planned ``HFTensor``s) to MindSpore file ``tmp``, one tensor at a time, with MindSpore's
+    CRC trailer. Each cast is checked on the way (``checked_cast``): a narrowing one for overflow, always; every one
+    for inf and nan with ``check_finite``."""
+    torch = import_torch()
     shard = None
-    with open(tmp, "wb") as f:
+    with stream.writer(tmp) as f:
         for entry in entries:
             if shard is None or entry.path != str(shard.path):
                 shard = None                        # unmap the previous input file before mapping the next
                 shard = HFShard(Path(entry.path))
-            stream.write_tensor(f, entry.name, entry.shape, dtype, tensor_bytes(shard.tensor(entry.hf_name), dtype))
+            cast = checked_cast(shard.tensor(entry.hf_name), dtype, f"{entry.path}: tensor {entry.hf_name!r}",
+                                check_finite)
+            stream.write_tensor(f, entry.name, entry.shape, dtype,
+                                cast.contiguous().reshape(-1).view(torch.uint8).numpy())
             bar.update(entry.nbytes)
 
 

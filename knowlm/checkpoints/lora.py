@@ -26,14 +26,14 @@ import yaml
 from mindformers.pet import LoraConfig
 
 from knowlm.checkpoints import stream
-from knowlm.checkpoints.convert import make_summary, progress_bar
-from knowlm.checkpoints.hf import HFShard, HFTensor, import_torch, tensor_bytes, write_mindspore
+from knowlm.checkpoints.convert import make_summary, progress_bar, staged_output
+from knowlm.checkpoints.hf import HFShard, HFTensor, checked_cast, import_torch, write_mindspore
 from knowlm.checkpoints.model_dir import checkpoint_files, load_config
 from knowlm.checkpoints.names import (LORA_A, LORA_B, PROJECTION_WEIGHT, expected_shapes, hf_to_mindspore_name,
                                       listing, lora_name)
 from knowlm.errors import KnowLMError, first_line
 from knowlm.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB,
-                          WEIGHTS_INDEX_NAME, atomic_copy, atomic_write, prepare_output_dir, read_json, write_json)
+                          WEIGHTS_INDEX_NAME, atomic_copy, read_json, write_json)
 
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 # PEFT features that change the computation beyond W + (alpha/r)·B·A: each must be off.
@@ -84,12 +84,15 @@ def pet_settings(pet_config) -> tuple:
             settings.get("lora_dropout"))
 
 
+def adapter_config(rank, alpha, target_modules, dropout=0.0, base=None) -> dict:
+    """``adapter_config.json``'s values in PEFT's format: what ``merge-lora`` and ``read_lora_settings`` read."""
+    return {"base_model_name_or_path": str(base or "none"), "bias": "none", "lora_alpha": float(alpha),
+            "lora_dropout": float(dropout), "peft_type": "LORA", "r": int(rank), "target_modules": target_modules,
+            "task_type": "CAUSAL_LM"}
+
+
 def write_adapter_config(directory, rank, alpha, target_modules, dropout=0.0, base=None):
-    """``adapter_config.json`` in PEFT's format: what ``merge-lora`` and ``read_lora_settings`` read."""
-    return write_json(Path(directory) / ADAPTER_CONFIG, {
-        "base_model_name_or_path": str(base or "none"), "bias": "none", "lora_alpha": float(alpha),
-        "lora_dropout": float(dropout), "peft_type": "LORA", "r": int(rank), "target_modules": target_modules,
-        "task_type": "CAUSAL_LM"})
+    return write_json(Path(directory) / ADAPTER_CONFIG, adapter_config(rank, alpha, target_modules, dropout, base))
 
 
 def _dig(values, *keys):
@@ -115,7 +118,9 @@ def merge_lora(base_dir, lora, output_dir, lora_config=None, force=False, echo=N
     ``lora``: a ``.ckpt`` file (a MindFormers training checkpoint: frozen weights and optimizer state in it are
     ignored) or an adapter directory. ``lora_config``: the run's yaml or ``adapter_config.json``; by default the
     ``adapter_config.json`` beside ``lora``. Every weight is W + (alpha / rank) * B @ A, computed in float64 and
-    rounded once to the base's dtype.
+    rounded once to the base's dtype; a merged weight that overflows that dtype, or holds inf or nan (a diverged
+    run), is refused. The checksums of the base and LoRA files are checked before anything is written, and the
+    result is published only when complete: a failure leaves ``output_dir`` as it was, or absent.
     """
     start = time.time()
     base_dir, lora, output_dir = Path(base_dir), Path(lora), Path(output_dir)
@@ -128,19 +133,19 @@ def merge_lora(base_dir, lora, output_dir, lora_config=None, force=False, echo=N
                           f"{ADAPTER_CONFIG}, for LoRA's alpha and rank (they are not guessed)")
     rank, alpha, _ = read_lora_settings(settings)
     pairs = _lora_pairs(adapter_files(lora), expected, rank)
-    prepare_output_dir(output_dir, force, source_dir=base_dir, stale=WEIGHTS_GLOB)
-    if echo:
-        echo(f"knowlm merge-lora: {base_dir} + {lora} ({len(pairs)} LoRA pairs, rank {rank}, alpha {alpha:g}, "
-             f"scale {alpha / rank:g}) -> {output_dir}")
-    with progress_bar(sum(e.nbytes for e in shards), "merge") as bar:
-        for path in files:
-            entries = [e for e in shards if e.path == str(path)]
-            atomic_write(output_dir / path.name,
-                         lambda tmp, entries=entries: _write_merged(tmp, entries, pairs, alpha / rank, bar))
-    written = stream.validate([output_dir / path.name for path in files], expected, output_dir)
-    for name in (WEIGHTS_INDEX_NAME, TOKENIZER_NAME, CONFIG_NAME):      # config.json last
-        if (base_dir / name).is_file():
-            atomic_copy(base_dir / name, output_dir / name)
+    copied = [name for name in (WEIGHTS_INDEX_NAME, TOKENIZER_NAME) if (base_dir / name).is_file()]
+    with staged_output(output_dir, [*(path.name for path in files), *copied, CONFIG_NAME], force,
+                       source_dir=base_dir, stale=WEIGHTS_GLOB) as tmps:
+        if echo:
+            echo(f"knowlm merge-lora: {base_dir} + {lora} ({len(pairs)} LoRA pairs, rank {rank}, alpha {alpha:g}, "
+                 f"scale {alpha / rank:g}) -> {output_dir}")
+        with progress_bar(sum(e.nbytes for e in shards), "merge") as bar:
+            for path, tmp in zip(files, tmps):
+                entries = [e for e in shards if e.path == str(path)]
+                _write_merged(tmp, entries, pairs, alpha / rank, bar, lora)
+        written = stream.validate(tmps[:len(files)], expected, output_dir, checksum=False)
+        for name, tmp in zip([*copied, CONFIG_NAME], tmps[len(files):]):
+            atomic_copy(base_dir / name, tmp)
     return make_summary("merged", output_dir, written, written[0].dtype, start)
 
 
@@ -160,7 +165,7 @@ def _lora_pairs(files, expected, rank) -> dict:
     """Base weight name -> (A, B) tensors, checked against the base's shapes and the configured rank."""
     found = {}
     for path in files:
-        for entry in stream.scan(path):
+        for entry in stream.verify(path):
             # Optimizer state (adam_m.<name>, accu_grads.<name>, ...) carries the same suffixes: network
             # parameters are the ones under model. / lm_head.
             if entry.name.endswith((LORA_A, LORA_B)) and entry.name.startswith(("model.", "lm_head.")):
@@ -184,13 +189,17 @@ def _lora_pairs(files, expected, rank) -> dict:
     return pairs
 
 
-def _write_merged(tmp, entries, pairs, scale, bar):
-    with open(tmp, "wb") as f:
+def _write_merged(tmp, entries, pairs, scale, bar, lora):
+    torch = import_torch()
+    with stream.writer(tmp) as f:
         for entry in entries:
             if entry.name in pairs:
                 a, b = pairs[entry.name]
                 merged = _as_tensor(entry).double() + scale * (b.double() @ a.double())
-                data = tensor_bytes(merged, entry.dtype)
+                merged = checked_cast(merged, entry.dtype, f"{lora}: {entry.name!r} with the LoRA merged in",
+                                      check_finite=True, hint="merge into an fp32 base" if entry.dtype != "float32"
+                                      else "check the LoRA run")
+                data = merged.contiguous().reshape(-1).view(torch.uint8).numpy()
             else:
                 data = entry.read()
             stream.write_tensor(f, entry.name, entry.shape, entry.dtype, data)
@@ -225,14 +234,15 @@ def import_peft_adapter(adapter_dir, output_dir, force=False, echo=None):
     if echo:
         echo(f"knowlm import-peft: {adapter_dir} ({len(entries)} tensors, rank {rank}, alpha {alpha:g}) "
              f"-> {output_dir}")
-    prepare_output_dir(output_dir, force, marker=ADAPTER_CONFIG, source_dir=adapter_dir, stale=ADAPTER_WEIGHTS)
     dtype = entries[0].dtype
-    with progress_bar(sum(e.nbytes for e in entries), "import") as bar:
-        atomic_write(output_dir / ADAPTER_WEIGHTS, lambda tmp: write_mindspore(tmp, entries, dtype, bar))
-    written = stream.validate([output_dir / ADAPTER_WEIGHTS], {e.name: e.shape for e in entries}, output_dir)
-    cells = sorted({e.name.split(".")[-2] for e in entries})
-    write_adapter_config(output_dir, rank, alpha, [f".*{cell}" for cell in cells],
-                         dropout=peft.get("lora_dropout") or 0.0, base=peft.get("base_model_name_or_path"))
+    with staged_output(output_dir, [ADAPTER_WEIGHTS, ADAPTER_CONFIG], force, source_dir=adapter_dir,
+                       marker=ADAPTER_CONFIG, stale=ADAPTER_WEIGHTS) as (weights_tmp, config_tmp):
+        with progress_bar(sum(e.nbytes for e in entries), "import") as bar:
+            write_mindspore(weights_tmp, entries, dtype, bar)
+        written = stream.validate([weights_tmp], {e.name: e.shape for e in entries}, output_dir, checksum=False)
+        cells = sorted({e.name.split(".")[-2] for e in entries})
+        write_adapter_config(config_tmp.parent, rank, alpha, [f".*{cell}" for cell in cells],
+                             dropout=peft.get("lora_dropout") or 0.0, base=peft.get("base_model_name_or_path"))
     return make_summary("imported", output_dir, written, dtype, start)
 
 

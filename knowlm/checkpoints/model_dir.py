@@ -6,19 +6,20 @@ Layout (the names MindFormers' own ``from_pretrained`` uses)::
     mindspore_model.ckpt                weights, or shards listed in mindspore_model.ckpt.index.json
     tokenizer.model                     SentencePiece model
 
-(The names are ``knowlm.files``'.) Weights are checked before they are loaded: every parameter present once, shapes
-equal to the config's, so a checkpoint for another vocabulary or size fails with one line instead of a silently
-wrong model.
+(The names are ``knowlm.files``'.) Weights are checked before they are loaded: each file whole (its CRC-32 against
+MindSpore's trailer when it has one, its records' structure always: ``stream.verify``), so a damaged or truncated
+file is named; then every parameter present once, shapes equal to the config's, so a checkpoint for another
+vocabulary or size fails with one line instead of a silently wrong model.
 """
-import json
 from pathlib import Path
 
 import mindspore as ms
 
+from knowlm.checkpoints import stream
 from knowlm.checkpoints.names import is_kv_cache_parameter
 from knowlm.errors import KnowLMError, first_line
 from knowlm.files import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_copy,
-                          atomic_write, index_shards, prepare_output_dir, write_json)
+                          atomic_write, index_shards, prepare_output_dir, read_json, write_json)
 from knowlm.models.config import KnowLMConfig
 
 
@@ -27,10 +28,9 @@ def load_config(model_dir, **overrides) -> KnowLMConfig:
     if not path.is_file():
         raise KnowLMError(f"{path}: not found; expected a knowlm model directory "
                           f"({CONFIG_NAME}, {WEIGHTS_NAME}, {TOKENIZER_NAME})")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KnowLMError(f"{path}: invalid JSON ({err})") from None
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise KnowLMError(f"{path}: expected a JSON object of model settings")
     return KnowLMConfig(**{**values, **overrides})
 
 
@@ -62,10 +62,14 @@ _TRAINING_STATE = ("adam_", "global_step", "scale_sense", "current_iterator_step
 
 
 def load_weights(network, path):
-    """Load checkpoint ``path`` into ``network`` after checking names and shapes against it."""
+    """Load checkpoint ``path`` into ``network`` after checking each file (``stream.verify``), then names and shapes
+    against the network."""
     expected = {p.name: p for p in network.get_parameters() if not is_kv_cache_parameter(p.name)}
     loaded = {}
-    for file in checkpoint_files(path):
+    files = checkpoint_files(path)
+    for file in files:              # every file before any is loaded: a damaged last shard fails at once
+        stream.verify(file)
+    for file in files:
         for name, value in _read_checkpoint(file).items():
             if name in expected:
                 loaded[name] = value
@@ -74,7 +78,8 @@ def load_weights(network, path):
                                   f"{type(network).__name__} (first expected name: {next(iter(expected))!r})")
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        raise KnowLMError(f"{path}: {len(missing)} parameter(s) missing, e.g. {', '.join(missing[:3])}")
+        raise KnowLMError(f"{_holder(path, files, missing[0])}: {len(missing)} parameter(s) missing, e.g. "
+                          f"{', '.join(missing[:3])}")
     vocab = network.config.vocab_size
     for name, value in loaded.items():
         want = tuple(expected[name].shape)
@@ -92,6 +97,18 @@ def load_weights(network, path):
     ms.load_param_into_net(network, loaded, strict_load=True)
 
 
+def _holder(path, files, name):
+    """The file that should hold tensor ``name``: the only one, or the shard the index of model directory ``path``
+    lists for it (``path`` itself when it lists none)."""
+    if len(files) == 1:
+        return files[0]
+    try:
+        shard = read_json(Path(path) / WEIGHTS_INDEX_NAME)["weight_map"][name]
+    except (KnowLMError, KeyError, TypeError):
+        return path
+    return Path(path) / shard
+
+
 def save_pretrained(network, output_dir, tokenizer_file, force=False, config=None):
     """Write ``network`` (config + weights) and ``tokenizer_file`` as a knowlm model directory.
 
@@ -101,7 +118,7 @@ def save_pretrained(network, output_dir, tokenizer_file, force=False, config=Non
     """
     output_dir = prepare_output_dir(output_dir, force, stale=WEIGHTS_GLOB)
     params = [{"name": p.name, "data": p} for p in network.get_parameters() if not is_kv_cache_parameter(p.name)]
-    atomic_write(output_dir / WEIGHTS_NAME, lambda tmp: ms.save_checkpoint(params, str(tmp)))
+    atomic_write(output_dir / WEIGHTS_NAME, lambda tmp: ms.save_checkpoint(params, str(tmp), crc_check=True))
     atomic_copy(tokenizer_file, output_dir / TOKENIZER_NAME)
     values = (config or network.config).to_dict()
     values["checkpoint_name_or_path"] = ""

@@ -12,12 +12,22 @@ format is simple enough to stream: a ``.ckpt`` file is the protobuf message ``Ch
 ``write_tensor`` emits exactly the bytes ``mindspore.save_checkpoint`` writes (a test compares them), with the
 tensor data written straight from the caller's buffer; ``scan`` reads only the headers and notes where each
 tensor's data lies, so checking a file costs no memory and reading a tensor costs that tensor.
+
+Files written through ``writer`` end with the trailer ``mindspore.save_checkpoint(..., crc_check=True)`` writes and
+``mindspore.load_checkpoint(..., crc_check=True)`` checks (``mindspore/train/serialization.py``: ``_exec_save``,
+``_parse_ckpt_proto``)::
+
+    b"crc_num" + (CRC-32 of every byte before the trailer).to_bytes(10, "big")      # 17 bytes
+
+The CRC-32 is zlib's (MindSpore calls ``binascii.crc32``, the same function). ``verify`` checks it, reading the file
+in blocks, before ``scan`` checks the structure; files without a trailer (older knowlm output, MindSpore's default)
+are checked by ``scan`` alone, which names a file cut short.
 """
+import contextlib
 import os
+import zlib
 from dataclasses import dataclass, field
 from math import prod
-
-import numpy as np
 
 from knowlm.checkpoints.names import check_tensors
 from knowlm.errors import KnowLMError
@@ -28,25 +38,27 @@ class DType:
     ckpt: str           # MindSpore's TensorProto.tensor_type
     safetensors: str    # safetensors header dtype
     itemsize: int
-    exponent_mask: int  # all-ones exponent = inf or nan; checked on the raw bits, so bf16 needs no numpy type
+    short: str          # the name ``--dtype`` takes
+    max: float          # the largest finite value: a cast to a type with a smaller one can overflow
 
 
 DTYPES = {
-    "float32": DType("Float32", "F32", 4, 0x7F800000),
-    "float16": DType("Float16", "F16", 2, 0x7C00),
-    "bfloat16": DType("BFloat16", "BF16", 2, 0x7F80),
+    "float32": DType("Float32", "F32", 4, "fp32", 3.4028234663852886e38),
+    "float16": DType("Float16", "F16", 2, "fp16", 65504.0),
+    "bfloat16": DType("BFloat16", "BF16", 2, "bf16", 3.3895313892515355e38),
 }
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{name: name for name in DTYPES}}
+DTYPE_ALIASES = {**{dtype.short: name for name, dtype in DTYPES.items()}, **{name: name for name in DTYPES}}
 _BY_CKPT_TYPE = {dtype.ckpt: name for name, dtype in DTYPES.items()}
 # Other types that training checkpoints hold (step counters, flags): scanned, never converted.
 _OTHER_TYPES = {"Float64": 8, "Int8": 1, "UInt8": 1, "Int16": 2, "UInt16": 2, "Int32": 4, "UInt32": 4, "Int64": 8,
                 "UInt64": 8, "Bool": 1, "str": None}
 _ITEMSIZE = {**{dtype.ckpt: dtype.itemsize for dtype in DTYPES.values()}, **_OTHER_TYPES}
-_UINT = {2: np.uint16, 4: np.uint32}
 
 # mindspore.train.serialization.SLICE_SIZE: larger tensors are written as several values with the same tag.
 SLICE_BYTES = 512 * 1024 * 1024
-_CRC_TRAILER = b"crc_num"   # save_checkpoint(crc_check=True) appends b"crc_num" + 10 bytes
+CRC_MARKER = b"crc_num"     # save_checkpoint(crc_check=True) appends b"crc_num" + the CRC-32 in 10 bytes
+TRAILER_BYTES = len(CRC_MARKER) + 10
+_CRC_BLOCK = 16 * 1024 * 1024
 _TAG, _TENSOR, _DIMS, _TYPE, _CONTENT = b"\x0a", b"\x12", b"\x08", b"\x12", b"\x1a"
 
 
@@ -72,17 +84,6 @@ class Entry:
             for offset, size in self.segments:
                 for start in range(0, size, block):
                     out.write(_read_at(f, offset + start, min(block, size - start)))
-
-    def all_finite(self, block=64 * 1024 * 1024) -> bool:
-        dtype = DTYPES[self.dtype]
-        bits = np.dtype(_UINT[dtype.itemsize]).newbyteorder("<")
-        with open(self.path, "rb") as f:
-            for offset, size in self.segments:
-                for start in range(0, size, block):
-                    raw = np.frombuffer(_read_at(f, offset + start, min(block, size - start)), bits)
-                    if np.any(raw & dtype.exponent_mask == dtype.exponent_mask):
-                        return False
-        return True
 
 
 def _read_at(f, offset, size):
@@ -114,6 +115,65 @@ def write_tensor(f, name: str, shape, dtype: str, data):
         f.write(chunk)
 
 
+class ChecksumWriter:
+    """A binary file that keeps the CRC-32 of everything written to it (``write_tensor`` writes through it)."""
+
+    def __init__(self, f):
+        self.f, self.crc = f, 0
+
+    def write(self, data):
+        self.crc = zlib.crc32(data, self.crc)
+        return self.f.write(data)
+
+    def trailer(self) -> bytes:
+        return CRC_MARKER + self.crc.to_bytes(10, "big")
+
+
+@contextlib.contextmanager
+def writer(path):
+    """``path`` opened for ``write_tensor`` calls; a clean exit ends it with MindSpore's CRC trailer, so both
+    ``verify`` and ``mindspore.load_checkpoint(crc_check=True)`` can tell a damaged copy."""
+    with open(path, "wb") as f:
+        out = ChecksumWriter(f)
+        yield out
+        f.write(out.trailer())
+
+
+def stored_crc(path):
+    """The CRC-32 that the trailer of ``.ckpt`` file ``path`` records, or None for a file without one."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < TRAILER_BYTES:
+            return None
+        f.seek(size - TRAILER_BYTES)
+        tail = f.read(TRAILER_BYTES)
+    return int.from_bytes(tail[len(CRC_MARKER):], "big") if tail.startswith(CRC_MARKER) else None
+
+
+def verify(path) -> list:
+    """``scan(path)`` after checking the file whole: its CRC-32 against its trailer when it has one (read in
+    blocks; memory stays flat). A damaged, truncated or empty file fails with one line naming it."""
+    path = str(path)
+    stored = stored_crc(path)
+    if stored is not None:
+        crc = 0
+        with open(path, "rb") as f:
+            left = f.seek(0, os.SEEK_END) - TRAILER_BYTES
+            f.seek(0)
+            while left > 0:
+                block = f.read(min(_CRC_BLOCK, left))
+                if not block:
+                    break
+                crc = zlib.crc32(block, crc)
+                left -= len(block)
+        if crc != stored:
+            raise KnowLMError(f"{path}: checksum mismatch: the file is damaged (CRC-32 {crc:08x}, its trailer "
+                              f"records {stored:08x}); copy or convert it again")
+    elif os.path.getsize(path) == 0:
+        raise KnowLMError(f"{path}: empty file; expected a MindSpore checkpoint")
+    return scan(path)
+
+
 class _Reader:
     """Protobuf wire-format fields of one file, read through a buffered handle without loading values."""
 
@@ -138,7 +198,8 @@ class _Reader:
         return size
 
     def corrupt(self, problem):
-        return KnowLMError(f"{self.path}: truncated or corrupt MindSpore checkpoint ({problem})")
+        return KnowLMError(f"{self.path}: truncated or corrupt MindSpore checkpoint ({problem}); copy or convert "
+                           "it again")
 
 
 def scan(path) -> list:
@@ -149,10 +210,10 @@ def scan(path) -> list:
     with open(path, "rb") as f:
         reader = _Reader(f, path, size)
         while f.tell() < size:
-            if size - f.tell() == 17:
-                if f.read(7) == _CRC_TRAILER:
+            if size - f.tell() == TRAILER_BYTES:
+                if f.read(len(CRC_MARKER)) == CRC_MARKER:
                     break
-                f.seek(-7, os.SEEK_CUR)
+                f.seek(-len(CRC_MARKER), os.SEEK_CUR)
             if f.read(1) != _TAG:
                 raise reader.corrupt(f"expected a tensor record at byte {f.tell() - 1}")
             length = reader.length(size)
@@ -214,12 +275,10 @@ def _scan_tensor(reader, end):
     return tuple(dims), _BY_CKPT_TYPE.get(type_name, type_name), segment
 
 
-def validate(files, expected, source, dtype=None, check_finite=False) -> list:
-    """Re-read checkpoint ``files`` (headers only) and check them against ``expected`` (name -> shape); entries."""
-    entries = [entry for path in files for entry in scan(path)]
+def validate(files, expected, source, dtype=None, checksum=True) -> list:
+    """Check checkpoint ``files`` against ``expected`` (name -> shape); their entries. ``checksum``: ``verify`` each
+    file (its CRC-32, a read of the whole file) before its headers are read; off for files this process has just
+    written through ``writer``, whose trailer holds the CRC-32 of the very bytes written."""
+    entries = [entry for path in files for entry in (verify(path) if checksum else scan(path))]
     check_tensors(entries, expected, source, dtype)
-    if check_finite:
-        for entry in entries:
-            if not entry.all_finite():
-                raise KnowLMError(f"{entry.path}: tensor {entry.name!r} holds inf or nan values")
     return entries

@@ -13,7 +13,8 @@ from mindformers.tools.register import MindFormerConfig
 from knowlm.errors import KnowLMError
 from knowlm.models.config import PRESETS, KnowLMConfig
 from knowlm.models.llama import KnowLMForCausalLM
-from knowlm.models.pipelines import PIPELINE_CONFIGS, config_path
+from knowlm.files import read_yaml
+from knowlm.models.pipelines import PIPELINE_CONFIGS, checkpoint_for, config_path
 from knowlm.tokenizer.spm import BUILTIN_TOKENIZER, KnowLMTokenizer
 
 # Presets that may be built with random weights: small enough that doing so by mistake costs nothing.
@@ -31,10 +32,7 @@ def load_model(spec, seed=0, **overrides):
     if spec in PIPELINE_CONFIGS:
         path = config_path(spec)
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        config = MindFormerConfig(str(path))
-        for key, value in overrides.items():
-            config.model.model_config[key] = value
-        return build_network(config.model), build_tokenizer(config.processor.tokenizer)
+        return _from_yaml(path, overrides)
     if spec in RANDOM_INIT_PRESETS:
         ms.set_seed(seed)
         model = KnowLMForCausalLM(KnowLMConfig.from_name(spec, **overrides))
@@ -42,5 +40,25 @@ def load_model(spec, seed=0, **overrides):
     if spec in PRESETS:
         raise KnowLMError(f"preset {spec!r} has no weights: convert the Hugging Face checkpoint with "
                           "`knowlm convert` and pass the output directory")
+    if path.suffix in (".yaml", ".yml"):
+        raise KnowLMError(f"{path}: not found; expected a predict yaml such as {config_path('knowlm_tiny')}")
     raise KnowLMError(f"model {spec!r}: not a model directory, yaml file, pipeline name "
                       f"({', '.join(PIPELINE_CONFIGS)}) or preset ({', '.join(RANDOM_INIT_PRESETS)})")
+
+
+def _from_yaml(path, overrides):
+    """A predict yaml (a packaged one or the user's copy): weights from its ``checkpoint_name_or_path`` (for a
+    pipeline's yaml, else ``$<NAME>_CHECKPOINT``), and the tokenizer, unless the yaml names one, beside them."""
+    read_yaml(path, "a MindFormers predict yaml with model and processor sections")
+    config = MindFormerConfig(str(path))
+    model_config = config.model.model_config
+    for key, value in overrides.items():
+        model_config[key] = value
+    if model_config.get("pipeline_name"):
+        model_config.checkpoint_name_or_path = checkpoint_for(model_config.pipeline_name,
+                                                              model_config.get("checkpoint_name_or_path"), path)
+    tokenizer = config.processor.tokenizer
+    weights = model_config.get("checkpoint_name_or_path")
+    if not tokenizer.get("vocab_file") and weights:
+        tokenizer.vocab_file = str(weights if Path(weights).is_dir() else Path(weights).parent)
+    return build_network(config.model), build_tokenizer(tokenizer)

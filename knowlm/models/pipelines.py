@@ -29,14 +29,15 @@ def checkpoint_variable(name: str) -> str:
     return f"{name.upper()}_CHECKPOINT"
 
 
-def checkpoint_for(name: str, configured: str = None) -> str:
-    """The weights for pipeline ``name``: the yaml's value, else ``$<NAME>_CHECKPOINT``; an error if neither."""
+def checkpoint_for(name: str, configured: str = None, yaml_path=None) -> str:
+    """The weights for pipeline ``name``: the yaml's value, else ``$<NAME>_CHECKPOINT``; an error if neither.
+    ``yaml_path``: the yaml in use (a user's copy of the pipeline's), named in the error."""
     path = configured or os.environ.get(checkpoint_variable(name))
     if not path:
         raise KnowLMError(
             f"pipeline model {name!r} has no checkpoint: convert the weights (knowlm convert) and either "
             f"export {checkpoint_variable(name)}=<model dir or .ckpt> or set "
-            f"model.model_config.checkpoint_name_or_path in {config_path(name)}")
+            f"model.model_config.checkpoint_name_or_path in {yaml_path or config_path(name)}")
     return path
 
 

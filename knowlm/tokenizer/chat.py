@@ -20,6 +20,11 @@ class ChatTemplate:
             return self.with_input.format(instruction=instruction, input=input_text)
         return self.without_input.format(instruction=instruction)
 
+    @property
+    def end(self) -> str:
+        """What every prompt ends with (after its last placeholder): the marker the model answers after."""
+        return self.without_input.rsplit("}", 1)[1]
+
     def answer(self, text: str) -> str:
         """A model's continuation without whatever it went on to write after the next turn's marker."""
         return text.split(self.next_turn, 1)[0].strip()

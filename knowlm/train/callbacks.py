@@ -3,7 +3,6 @@
 A checkpoint holds what a run changes (the trainable weights: LoRA adapters, or all weights in full fine-tuning),
 the optimizer's moments and the step counters, written atomically; the base weights are never written again.
 """
-import os
 import re
 import sys
 import time
@@ -13,10 +12,13 @@ import mindspore as ms
 from mindspore.train import Callback
 from tqdm import tqdm
 
-from knowlm.files import atomic_write
+from knowlm.checkpoints.stream import verify
+from knowlm.files import ADAPTER_CONFIG, atomic_write, write_json
 
-# MindFormers' resume finds "<prefix>_rank_<device rank>-<epoch>_<step in epoch>.ckpt" in "rank_<device rank>/".
+# MindFormers' resume finds "<prefix>_rank_<device rank>-<epoch>_<step>.ckpt" in "rank_<device rank>/" (and reads
+# the step from the file); knowlm's step counts from the start of the run, not of the epoch.
 CHECKPOINT_PREFIX = "checkpoint"
+CHECKPOINT_GLOB = f"{CHECKPOINT_PREFIX}_rank_*.ckpt"
 CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}_rank_\d+-(\d+)_(\d+)\.ckpt$")
 
 
@@ -38,7 +40,8 @@ class TrainingProgress(Callback):
 
     def on_train_begin(self, run_context):
         self.started = time.perf_counter()
-        self.bar = tqdm(total=self.total_steps, initial=self.initial_step, desc="finetune", unit="step")
+        self.bar = tqdm(total=self.total_steps, initial=self.initial_step, desc="finetune", unit="step",
+                        disable=None)  # a bar on terminals only; the log lines below go everywhere
 
     def on_train_step_begin(self, run_context):
         self.step_started = time.perf_counter()
@@ -66,28 +69,37 @@ class TrainingProgress(Callback):
                   f"loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}", file=self.out, flush=True)
 
 
+def checkpoints(directory) -> list:
+    """The complete checkpoints in ``directory`` (partial files never match), oldest step first."""
+    found = [(int(m.group(2)), path) for path in Path(directory).glob(CHECKPOINT_GLOB)
+             if (m := CHECKPOINT_PATTERN.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
 def latest_checkpoint(directory):
-    """The newest complete checkpoint in ``directory`` (partial files never match), or None."""
-    found = sorted((tuple(map(int, m.groups())), p) for p in Path(directory).glob(f"{CHECKPOINT_PREFIX}_rank_*.ckpt")
-                   if (m := CHECKPOINT_PATTERN.match(p.name)))
-    return found[-1][1] if found else None
+    """The newest complete checkpoint in ``directory``, or None."""
+    found = checkpoints(directory)
+    return found[-1] if found else None
 
 
 def checkpoint_step(path) -> int:
+    verify(path)        # a damaged checkpoint is named here, not by MindSpore's "no permission" on resume
     return int(ms.load_checkpoint(str(path), choice_func=lambda name: name == "step_num")["step_num"].asnumpy())
 
 
 class TrainingCheckpoint(Callback):
     """Every ``every`` steps (and at the end) save the trainable weights with optimizer and step state; the newest
-    ``keep`` stay."""
+    ``keep`` stay. ``settings``: the run's ``adapter_config.json`` values (LoRA), written with the first
+    checkpoint, so that a run that fails before it leaves nothing behind."""
 
-    def __init__(self, directory, every, rank=0, keep=3, initial_step=0):
+    def __init__(self, directory, every, rank=0, keep=3, initial_step=0, settings=None):
         super().__init__()
         self.initial_step = initial_step
         self.directory = Path(directory)
         self.every = every
         self.rank = rank
         self.keep = keep
+        self.settings = settings
 
     def _step(self, params):
         # After a resume MindSpore counts cur_step_num from 1 again.
@@ -95,19 +107,19 @@ class TrainingCheckpoint(Callback):
 
     def _save(self, params):
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.settings is not None and not (self.directory / ADAPTER_CONFIG).is_file():
+            write_json(self.directory / ADAPTER_CONFIG, self.settings)
         network = params.train_network
         frozen = {p.name for p in network.get_parameters() if not p.requires_grad
                   and not p.name.startswith(("adam_", "global_step", "scale_sense"))}
         step = self._step(params)
-        epoch, step_in_epoch = (step - 1) // params.batch_num + 1, (step - 1) % params.batch_num + 1
-        atomic_write(self.directory / f"{CHECKPOINT_PREFIX}_rank_{self.rank}-{epoch}_{step_in_epoch}.ckpt",
+        epoch = (step - 1) // params.batch_num + 1
+        atomic_write(self.directory / f"{CHECKPOINT_PREFIX}_rank_{self.rank}-{epoch}_{step}.ckpt",
                      lambda tmp: ms.save_checkpoint(network, str(tmp), choice_func=lambda name: name not in frozen,
-                                                    append_dict={"step_num": step, "epoch_num": epoch}))
-        while True:
-            kept = sorted(self.directory.glob(f"{CHECKPOINT_PREFIX}_rank_*.ckpt"), key=os.path.getmtime)
-            if len(kept) <= self.keep:
-                break
-            kept[0].unlink()
+                                                    append_dict={"step_num": step, "epoch_num": epoch},
+                                                    crc_check=True))
+        for old in checkpoints(self.directory)[:-self.keep]:
+            old.unlink()
 
     def on_train_step_end(self, run_context):
         params = run_context.original_args()

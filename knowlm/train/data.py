@@ -20,7 +20,7 @@ from mindspore.mindrecord import FileWriter
 from tqdm import tqdm
 
 from knowlm.errors import KnowLMError
-from knowlm.files import refuse_existing, staged
+from knowlm.files import read_text, refuse_output, staged
 from knowlm.tokenizer.chat import ALPACA
 
 IGNORE_INDEX = -100
@@ -45,9 +45,7 @@ def read_instructions(path, skip_bad=False, report=None):
     A bad record raises ``KnowLMError`` naming file and line, or with ``skip_bad`` is counted in ``report``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise KnowLMError(f"{path}: file not found; expected Alpaca-style JSON or JSONL records")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "Alpaca-style JSON or JSONL records")
     if text.lstrip().startswith("["):
         try:
             items = [(f"{path} (record {number})", number, item, None)
@@ -89,7 +87,10 @@ def _record_problem(record):
 
 
 def encode_sample(tokenizer, record, seq_length, min_response_tokens=16, report=None):
-    """``(input_ids, labels)`` numpy int32 arrays of length ``seq_length + 1`` for one record."""
+    """``(input_ids, labels)`` numpy int32 arrays of length ``seq_length + 1`` for one record.
+
+    A prompt that must be cut loses text before the template's end (``### Response:``), never the end itself:
+    the model learns to answer after the marker it will see when it is used."""
     prompt = tokenizer.encode(ALPACA.render(record["instruction"], record.get("input", "")),
                               add_special_tokens=False)
     response = tokenizer.encode(record["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
@@ -97,7 +98,12 @@ def encode_sample(tokenizer, record, seq_length, min_response_tokens=16, report=
     room = width - 1 - len(prompt)            # after <s> and the prompt
     if room < min(len(response), min_response_tokens):
         keep = width - 1 - min(len(response), min_response_tokens)
-        prompt = prompt[:max(keep, 0)]
+        tail = _template_end(tokenizer, prompt)
+        if keep < tail:
+            raise KnowLMError(f"--seq-length {seq_length}: too short for the prompt's end ({tail} tokens of "
+                              f"{ALPACA.end!r}) and {min(len(response), min_response_tokens)} response tokens; "
+                              f"expected at least {tail + min(len(response), min_response_tokens)}")
+        prompt = prompt[:keep - tail] + prompt[len(prompt) - tail:]
         if report is not None:
             report.prompt_truncated += 1
     tokens = [tokenizer.bos_token_id] + prompt + response
@@ -115,9 +121,19 @@ def encode_sample(tokenizer, record, seq_length, min_response_tokens=16, report=
     return input_ids, labels
 
 
+def _template_end(tokenizer, prompt) -> int:
+    """How many of the prompt's last tokens spell the template's end, as the whole prompt was tokenized."""
+    for count in range(1, len(prompt) + 1):
+        if ALPACA.end in tokenizer.decode(prompt[-count:]):
+            return count
+    return 0
+
+
 def prepare_data(input_path, tokenizer, output_path, seq_length, skip_bad=False, force=False):
     """Write a MindRecord of ``input_ids``/``labels`` for every record of ``input_path``; returns the report."""
-    output_path = refuse_existing(output_path, force)
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
+        raise KnowLMError(f"--seq-length {seq_length}: expected the model's training seq_length, an integer >= 1")
+    output_path = refuse_output(output_path, force, input_path)
     report = PrepareReport()
     records = list(read_instructions(input_path, skip_bad=skip_bad, report=report))
     if not records:
@@ -128,7 +144,7 @@ def prepare_data(input_path, tokenizer, output_path, seq_length, skip_bad=False,
         writer = FileWriter(str(partial), shard_num=1, overwrite=True)
         writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}},
                           "knowlm supervised samples")
-        for _, record in tqdm(records, desc="prepare-data", unit="sample"):
+        for _, record in tqdm(records, desc="prepare-data", unit="sample", disable=None):
             input_ids, labels = encode_sample(tokenizer, record, seq_length, report=report)
             writer.write_raw_data([{"input_ids": input_ids, "labels": labels}])
         writer.commit()

@@ -24,13 +24,14 @@ from mindformers.tools.logger import get_logger
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from mindformers.wrapper.wrapper import MFTrainOneStepCell
 
-from knowlm.checkpoints.lora import merge_lora, pet_settings, write_adapter_config
+from knowlm.checkpoints.lora import adapter_config, merge_lora, pet_settings
 from knowlm.checkpoints.model_dir import load_config, save_pretrained
 from knowlm.errors import KnowLMError
-from knowlm.files import TOKENIZER_NAME
+from knowlm.files import ADAPTER_CONFIG, CONFIG_NAME, TOKENIZER_NAME, read_json
 from knowlm.models.llama import KnowLMForCausalLM
 from knowlm.models import registry  # noqa: F401  (the yaml's type: names)
-from knowlm.train.callbacks import TrainingCheckpoint, TrainingProgress, checkpoint_step, latest_checkpoint
+from knowlm.train.callbacks import (CHECKPOINT_GLOB, TrainingCheckpoint, TrainingProgress, checkpoint_step,
+                                    latest_checkpoint)
 from knowlm.train.config import training_config
 from knowlm.train.launch import check_config, world_size
 
@@ -76,35 +77,38 @@ class _Run:
     base: str             # the base model (directory or checkpoint), or ""
     pet_config: dict      # LoRA settings (None: full fine-tuning)
 
+    @property
+    def adapter_settings(self):
+        """``adapter_config.json``'s values for this run (None: full fine-tuning)."""
+        base = Path(self.base).resolve() if self.base else None      # one base, however it was spelled
+        return adapter_config(*pet_settings(self.pet_config), base=base) if self.pet_config else None
+
 
 def finetune(config_path, data=None, base=None, output_dir=None, resume=False, max_steps=None, overrides=None,
-             export_merged=None):
+             export_merged=None, force=False):
     """Run the fine-tuning described by the yaml ``config_path``.
 
     ``data`` (MindRecord from ``knowlm prepare-data``), ``base`` (model directory or checkpoint) and
     ``output_dir`` override the yaml's ``train_dataset.data_loader.dataset_dir``,
     ``model.model_config.checkpoint_name_or_path`` and ``output_dir``; ``overrides`` maps other dotted yaml keys
     to values. ``export_merged``: a folder to write the trained model to as a plain knowlm model directory
-    (LoRA merged into the base).
+    (LoRA merged into the base). An output folder that holds another run's checkpoints is continued only with
+    ``resume`` (and the same LoRA settings), replaced only with ``force``.
     """
     config = training_config(config_path, data, base, output_dir, overrides)
     problems = check_config(config_path, devices=world_size(), config=config)
     if problems:
         raise KnowLMError("; ".join(problems))
-    run = _plan(config_path, config, resume, max_steps, export_merged)
+    run = _plan(config_path, config, resume, max_steps, export_merged, force)
     done = checkpoint_step(run.start) if run.start else 0
     knowlm_cfg = config.get("knowlm", {}) or {}
-    out = sys.stdout
     progress = TrainingProgress(run.total, config.runner_config.batch_size, config.model.model_config.seq_length,
-                                log_every=knowlm_cfg.get("log_every", 1), initial_step=done, out=out)
+                                log_every=knowlm_cfg.get("log_every", 1), initial_step=done, out=sys.stdout)
     saver = TrainingCheckpoint(run.checkpoints, every=knowlm_cfg.get("save_every", 50), rank=_rank(),
-                               keep=knowlm_cfg.get("keep", 3), initial_step=done)
-    if run.pet_config:
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
-        write_adapter_config(run.checkpoints, *pet_settings(run.pet_config), base=run.base)
+                               keep=knowlm_cfg.get("keep", 3), initial_step=done, settings=run.adapter_settings)
     trainer = _trainer(config, [progress, saver])
     # MindFormers prints its whole resolved config and other notices to stdout while it trains; knowlm's own lines
-    # go to the caller's stdout (``out``), MindFormers' to stderr.
+    # go to the caller's stdout (``progress.out``), MindFormers' to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         if run.start is not None:
             trainer.finetune(finetune_checkpoint=str(run.checkpoints.parent), resume_training=run.start.name)
@@ -112,35 +116,73 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
             trainer.finetune()
     result = FinetuneResult(progress.losses, trainer.trainer.network, latest_checkpoint(saver.directory))
     if export_merged:
-        export(result, run.base, run.pet_config, export_merged)
+        export(result, run.base, run.pet_config, export_merged, force)
     return result
 
 
-def _plan(config_path, config, resume, max_steps, export_merged) -> _Run:
+def _plan(config_path, config, resume, max_steps, export_merged, force) -> _Run:
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise KnowLMError(f"--max-steps {max_steps}: expected an integer >= 1")
     dataset = Path(config.train_dataset.data_loader.dataset_dir or "")
     if not dataset.is_file():
         raise KnowLMError(f"{config_path}: train_dataset.data_loader.dataset_dir {str(dataset)!r} is not a "
                           "file; make one with `knowlm prepare-data` and pass it with --data")
-    checkpoints = Path(config.output_dir) / "checkpoints" / f"rank_{_rank()}"
-    start = latest_checkpoint(checkpoints) if resume else None
-    if resume and start is None:
-        raise KnowLMError(f"{checkpoints}: no checkpoint to resume from")
     # Read before training: the Trainer clears checkpoint_name_or_path, and LoRA wrapping consumes pet_config.
     base = config.model.model_config.checkpoint_name_or_path or ""
     if export_merged and not (Path(base) / TOKENIZER_NAME).is_file():
         raise KnowLMError(f"--export-merged needs --base to be a knowlm model directory (with its tokenizer), "
                           f"got {base!r}")
+    if export_merged and (Path(export_merged) / CONFIG_NAME).exists() and not force:
+        raise KnowLMError(f"--export-merged {export_merged}: already holds a model ({CONFIG_NAME}); pass --force "
+                          "to overwrite it")
+    run = _Run(dataset, Path(config.output_dir) / "checkpoints" / f"rank_{_rank()}", None, 0, base,
+               copy.deepcopy(config.model.model_config.get("pet_config")))
+    run.start = _run_folder(run, resume, force)
     batch_size = config.runner_config.batch_size
     data_parallel = config.parallel_config.data_parallel if config.get("use_parallel") else 1
     steps_per_epoch = _dataset_size(dataset) // (batch_size * data_parallel)
-    total = steps_per_epoch * config.runner_config.epochs
+    if steps_per_epoch < 1:
+        raise KnowLMError(f"{dataset}: fewer samples than one step takes (batch_size {batch_size} x data_parallel "
+                          f"{data_parallel})")
+    run.total = steps_per_epoch * config.runner_config.epochs
     if max_steps:
-        total = min(total, max_steps)
-        config.runner_config.epochs = -(-total // steps_per_epoch)
+        run.total = min(run.total, max_steps)
+        config.runner_config.epochs = -(-run.total // steps_per_epoch)
         if config.get("lr_schedule") and config.lr_schedule.get("total_steps", -1) in (-1, None):
             # MindFormers would stretch the schedule to the end of the last, partly run epoch.
-            config.lr_schedule.total_steps = total
-    return _Run(dataset, checkpoints, start, total, base, copy.deepcopy(config.model.model_config.get("pet_config")))
+            config.lr_schedule.total_steps = run.total
+    return run
+
+
+def _run_folder(run, resume, force):
+    """The checkpoint to resume from (None: a fresh start); a folder of another run is refused, or with ``force``
+    emptied of that run's files."""
+    found = sorted(run.checkpoints.glob(CHECKPOINT_GLOB)) if run.checkpoints.is_dir() else []
+    recorded = run.checkpoints / ADAPTER_CONFIG
+    if resume:
+        start = latest_checkpoint(run.checkpoints)
+        if start is None:
+            raise KnowLMError(f"{run.checkpoints}: no checkpoint to resume from")
+        saved = read_json(recorded) if recorded.is_file() else None
+        if saved != run.adapter_settings:
+            raise KnowLMError(f"{run.checkpoints}: its run trained with other settings ({_settings(saved)}) than "
+                              f"this one ({_settings(run.adapter_settings)}); resume with the same yaml and "
+                              "--set values, or start a new run in another --output-dir")
+        return start
+    if found or recorded.exists():
+        if not force:
+            raise KnowLMError(f"{run.checkpoints.parent.parent}: holds checkpoints of an earlier run; pass --resume "
+                              "to continue it, --force to start over, or choose another --output-dir")
+        for path in [*found, recorded]:
+            path.unlink(missing_ok=True)
+    return None
+
+
+def _settings(values):
+    if values is None:
+        return "full fine-tuning"
+    return ", ".join(f"{key} {values[key]}" for key in ("r", "lora_alpha", "lora_dropout", "target_modules",
+                                                       "base_model_name_or_path"))
 
 
 def _trainer(config, callbacks):
@@ -152,24 +194,25 @@ def _trainer(config, callbacks):
     build_context(config)
     ms.set_seed(config.seed or 0)      # the Trainer seeds too, but after the network (and LoRA's init) exists
     network = build_network(config.model)       # LoRA from pet_config
-    # The Trainer makes a new MindFormers logger (named after the output folder) at INFO and logs through it at
-    # once: the caller's level holds before and after.
+    # The Trainer makes a new MindFormers logger (named after the output folder) at INFO, on the stdout of the
+    # moment, and logs through it at once: the caller's level holds before and after, and its console is stderr.
     level, disabled = get_logger().getEffectiveLevel(), logging.root.manager.disable
     logging.disable(max(disabled, level - 1))
     try:
-        trainer = Trainer(args=config, task="text_generation", model=network, callbacks=callbacks)
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer = Trainer(args=config, task="text_generation", model=network, callbacks=callbacks)
     finally:
         logging.disable(disabled)
     get_logger().setLevel(level)
     return trainer
 
 
-def export(result, base, pet, output_dir):
+def export(result, base, pet, output_dir, force=False):
     """Write the trained model as a plain model directory: LoRA merged into ``base``, or the full weights."""
     if pet:
-        merge_lora(base, result.checkpoint, output_dir)
+        merge_lora(base, result.checkpoint, output_dir, force=force)
     else:
-        save_pretrained(result.model, output_dir, Path(base) / TOKENIZER_NAME, config=load_config(base))
+        save_pretrained(result.model, output_dir, Path(base) / TOKENIZER_NAME, config=load_config(base), force=force)
 
 
 def _rank():

@@ -57,6 +57,9 @@ def check_config(path, devices=None, config=None, **shaping):
     if not 0 <= pad < vocab:
         problems.append(f"{path}: pad_token_id {pad} is not a token of the {vocab}-token vocabulary")
     checkpoint = model_config.get("checkpoint_name_or_path")
+    if pet and not checkpoint:
+        problems.append(f"{path}: LoRA (pet_config) adapts a base model and none is given; pass --base MODEL_DIR "
+                        "or set model.model_config.checkpoint_name_or_path")
     if checkpoint and not Path(checkpoint).exists():
         problems.append(f"{path}: model.model_config.checkpoint_name_or_path {checkpoint!r} does not exist")
     tokenizer_dir = Path(checkpoint) if checkpoint and Path(checkpoint).is_dir() else None
@@ -65,7 +68,10 @@ def check_config(path, devices=None, config=None, **shaping):
         if saved_vocab is not None and saved_vocab != vocab:
             problems.append(f"{path}: vocab_size {vocab}, but the weights in {checkpoint} have {saved_vocab}")
     dataset = (config.get("train_dataset") or {}).get("data_loader", {}).get("dataset_dir")
-    if config.get("run_mode") in ("finetune", "train") and dataset and not Path(dataset).exists():
+    if config.get("run_mode") in ("finetune", "train") and not dataset:
+        problems.append(f"{path}: no training data; pass --data FILE.mindrecord (from knowlm prepare-data) or set "
+                        "train_dataset.data_loader.dataset_dir")
+    elif config.get("run_mode") in ("finetune", "train") and not Path(dataset).is_file():
         problems.append(f"{path}: train_dataset.data_loader.dataset_dir {dataset!r} does not exist")
     return problems
 

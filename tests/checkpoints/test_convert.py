@@ -191,14 +191,23 @@ def test_bad_input_is_refused_with_one_line_naming_file_and_problem(tmp_path, ca
     assert not (tmp_path / "ms").exists()       # every check runs before anything is written
 
 
-def test_export_refuses_a_truncated_mindspore_checkpoint(model_dir, tmp_path):
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [(_truncate, "truncated or corrupt MindSpore checkpoint"),
+                                             (_flip_byte, "checksum mismatch: the file is damaged")],
+                         ids=["truncated", "flipped byte"])
+def test_export_refuses_a_damaged_mindspore_checkpoint_naming_it(model_dir, tmp_path, damage, message):
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for name in ("config.json", WEIGHTS_NAME):
         (damaged / name).write_bytes((model_dir / name).read_bytes())
-    _truncate(damaged / WEIGHTS_NAME)
-    one_line_error(lambda: export_checkpoint(damaged, tmp_path / "hf"),
-                   f"{damaged / WEIGHTS_NAME}: truncated or corrupt MindSpore checkpoint")
+    damage(damaged / WEIGHTS_NAME)
+    one_line_error(lambda: export_checkpoint(damaged, tmp_path / "hf"), f"^{damaged / WEIGHTS_NAME}: {message}")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
@@ -239,16 +248,48 @@ def test_interrupted_conversion_leaves_no_file_that_looks_complete(tmp_path, mon
     monkeypatch.setattr(stream, "write_tensor", failing_write)
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(source, tmp_path / "ms")
-    left = sorted(p.name for p in (tmp_path / "ms").iterdir())
-    assert "config.json" not in left and not [n for n in left if "partial" in n]
-    assert all(n.startswith("mindspore_model-0000") for n in left)      # complete shards only, no index
+    assert len(calls) == 8 and not (tmp_path / "ms").exists()      # nothing is published before the whole result
 
 
-def test_check_finite_reports_weights_that_overflow_fp16(tmp_path):
+def _with_norm_value(value):
     reference = hf_llama()
     with torch.no_grad():
-        reference.model.norm.weight[3] = 1.0e6      # finite in fp32, inf in fp16
-    source = hf_dir(tmp_path, reference)
-    one_line_error(lambda: convert_checkpoint(source, tmp_path / "fp16", dtype="fp16", check_finite=True),
-                   r"tensor 'model.norm_out.weight' holds inf or nan values")
-    convert_checkpoint(source, tmp_path / "fp32", check_finite=True)
+        reference.model.norm.weight[3] = value
+        reference.model.norm.weight[5] = -value
+    return reference
+
+
+def test_fp16_overflow_is_refused_naming_the_tensor_and_nothing_is_written(tmp_path):
+    source = hf_dir(tmp_path, _with_norm_value(1.0e6))     # finite in fp32 and bf16, inf in fp16
+    message = (r"model.safetensors: tensor 'model.norm.weight': 2 values overflow fp16 \(max 65504\); "
+               r"keep fp32 or use bf16$")
+    for output in (tmp_path / "fp16", tmp_path / "fp16.ckpt"):      # the check is on without --check-finite
+        one_line_error(lambda: convert_checkpoint(source, output, dtype="fp16"), message)
+        assert not output.exists()
+    convert_checkpoint(source, tmp_path / "bf16", dtype="bf16")
+    convert_checkpoint(source, tmp_path / "fp32")
+
+
+def test_failed_conversion_over_an_existing_result_leaves_it_as_it_was(tmp_path):
+    source = hf_dir(tmp_path, _with_norm_value(1.0e6), sharded=True)
+    out = convert_checkpoint(source, tmp_path / "ms").output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    one_line_error(lambda: convert_checkpoint(source, out, dtype="fp16", force=True), "overflow fp16")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_check_finite_refuses_inf_or_nan_in_the_source_of_a_same_dtype_conversion(tmp_path):
+    source = hf_dir(tmp_path, _with_norm_value(float("nan")))
+    one_line_error(lambda: convert_checkpoint(source, tmp_path / "checked", check_finite=True),
+                   r"model.safetensors: tensor 'model.norm.weight': holds 2 inf or nan values$")
+    assert not (tmp_path / "checked").exists()
+    convert_checkpoint(source, tmp_path / "unchecked")         # source values are only checked when asked
+
+
+def test_cli_convert_overflowing_fp16_is_one_line_with_exit_status_2(tmp_path, capsys):
+    source = hf_dir(tmp_path, _with_norm_value(1.0e6))
+    assert main(["convert", str(source), str(tmp_path / "fp16"), "--dtype", "fp16"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"knowlm: error: {source / 'model.safetensors'}: tensor 'model.norm.weight': 2 values overflow fp16 "
+        "(max 65504); keep fp32 or use bf16"]
+    assert not (tmp_path / "fp16").exists()

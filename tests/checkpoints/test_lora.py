@@ -68,6 +68,40 @@ def test_lora_merge_refuses_a_rank_that_does_not_fit_the_checkpoint_and_missing_
                    r"shapes \(4, 64\) and \(64, 4\), expected \(8, 64\) and \(64, 8\) for rank 8")
 
 
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_lora_merge_refuses_damaged_files_and_a_diverged_lora_naming_the_file_and_writes_nothing(model_dir,
+                                                                                                  tmp_path):
+    def save_lora(path, value):
+        ms.save_checkpoint([{"name": f"model.layers.{i}.attention.wq.mindpet_delta_lora_{part}",
+                             "data": ms.Tensor(np.full(shape, value, np.float32))}
+                            for i in range(2) for part, shape in (("a", (4, 64)), ("b", (64, 4)))],
+                           str(path), crc_check=True)
+        return path
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+    damaged_lora = save_lora(tmp_path / "damaged.ckpt", 0.01)
+    _flip_byte(damaged_lora)
+    one_line_error(lambda: merge_lora(model_dir, damaged_lora, tmp_path / "out"),
+                   f"^{damaged_lora}: checksum mismatch: the file is damaged")
+    diverged = save_lora(tmp_path / "diverged.ckpt", float("nan"))
+    one_line_error(lambda: merge_lora(model_dir, diverged, tmp_path / "out"),
+                   f"^{diverged}: 'model.layers.0.attention.wq.weight' with the LoRA merged in: holds 4096 inf or "
+                   "nan values$")
+    base = tmp_path / "base"
+    base.mkdir()
+    for path in model_dir.iterdir():
+        (base / path.name).write_bytes(path.read_bytes())
+    _flip_byte(base / WEIGHTS_NAME)
+    one_line_error(lambda: merge_lora(base, save_lora(tmp_path / "good.ckpt", 0.01), tmp_path / "out"),
+                   f"^{base / WEIGHTS_NAME}: checksum mismatch: the file is damaged")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def peft_adapter(hf_model, tmp_path_factory):
     """A random PEFT LoRA on a copy of the conftest reference (the base of ``model_dir``): its directory, its

@@ -1,13 +1,17 @@
 """The knowlm model directory: saving, loading, and the one-line errors for checkpoints that do not fit."""
 import json
+import shutil
 
 import mindspore as ms
 import numpy as np
 import pytest
 
-from reference import knowlm_logits
+from reference import hf_dir, knowlm_logits, one_line_error
 from knowlm import KnowLMConfig, KnowLMError, KnowLMForCausalLM
+from knowlm.checkpoints import stream
+from knowlm.checkpoints.convert import convert_checkpoint
 from knowlm.checkpoints.model_dir import load_weights, save_pretrained
+from knowlm.cli import main
 from knowlm.files import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from knowlm.models.load import load_model
 from knowlm.tokenizer.spm import BUILTIN_TOKENIZER
@@ -68,8 +72,65 @@ def test_checkpoint_with_foreign_tensors_is_refused(tmp_path):
 def test_truncated_checkpoint_is_refused(model_dir, tmp_path):
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes((model_dir / WEIGHTS_NAME).read_bytes()[:1000])
-    with pytest.raises(KnowLMError, match=f"{broken}: not a readable MindSpore checkpoint"):
-        load_weights(tiny(), broken)
+    one_line_error(lambda: load_weights(tiny(), broken), f"^{broken}: truncated or corrupt MindSpore checkpoint")
+
+
+# ----------------------------------------------------------------------------- damaged files and checksums
+
+def copy_model(model_dir, target):
+    shutil.copytree(model_dir, target)
+    return target
+
+
+def flip_byte(path, at=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_a_converted_model_is_refused_naming_the_file(model_dir, tmp_path):
+    damaged = copy_model(model_dir, tmp_path / "damaged")
+    flip_byte(damaged / WEIGHTS_NAME)
+    one_line_error(lambda: load_weights(tiny(), damaged),
+                   f"^{damaged / WEIGHTS_NAME}: checksum mismatch: the file is damaged .*; copy or convert it again$")
+
+
+def test_truncated_shard_is_refused_naming_the_shard(tmp_path):
+    model = convert_checkpoint(hf_dir(tmp_path, sharded=True), tmp_path / "sharded").output
+    shard = sorted(model.glob("mindspore_model-*.ckpt"))[1]
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size * 2 // 3])
+    one_line_error(lambda: load_weights(tiny(), model), f"^{shard}: truncated or corrupt MindSpore checkpoint")
+
+
+def test_shard_cut_between_two_tensors_is_named_by_its_missing_parameters(tmp_path):
+    model = convert_checkpoint(hf_dir(tmp_path, sharded=True), tmp_path / "sharded").output
+    shard = sorted(model.glob("mindspore_model-*.ckpt"))[1]
+    first = stream.scan(shard)[0]
+    shard.write_bytes(shard.read_bytes()[:first.segments[-1][0] + first.nbytes])    # one whole record, no trailer
+    one_line_error(lambda: load_weights(tiny(), model), rf"^{shard}: \d+ parameter\(s\) missing")
+
+
+def test_checkpoints_with_and_without_a_crc_trailer_both_load(model_dir, tmp_path):
+    saved_dir = saved(tmp_path, "saved")
+    assert stream.stored_crc(saved_dir / WEIGHTS_NAME) is not None     # save_pretrained: crc_check=True
+    load_weights(tiny(), saved_dir)
+    plain = copy_model(model_dir, tmp_path / "plain")                   # as older knowlm and MindSpore wrote them
+    weights = ms.load_checkpoint(str(plain / WEIGHTS_NAME))
+    (plain / WEIGHTS_NAME).unlink()
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in weights.items()], str(plain / WEIGHTS_NAME))
+    assert stream.stored_crc(plain / WEIGHTS_NAME) is None
+    ids = [[1, 5, 9, 200, 3]]
+    np.testing.assert_array_equal(knowlm_logits(KnowLMForCausalLM.from_pretrained(plain, use_past=False), ids),
+                                  knowlm_logits(KnowLMForCausalLM.from_pretrained(model_dir, use_past=False), ids))
+
+
+def test_cli_generate_from_a_damaged_model_is_one_line_with_exit_status_2(model_dir, tmp_path, capsys):
+    damaged = copy_model(model_dir, tmp_path / "damaged")
+    flip_byte(damaged / WEIGHTS_NAME)
+    assert main(["generate", "--model", str(damaged), "--max-new-tokens", "2", "hello"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"knowlm: error: {damaged / WEIGHTS_NAME}: checksum mismatch: the file is damaged")
+    assert len([line for line in err if line.startswith("knowlm: error:")]) == 1
 
 
 def test_index_listing_a_missing_shard_is_refused(tmp_path):

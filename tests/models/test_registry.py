@@ -1,6 +1,5 @@
 """Registration with MindFormers: yaml builders, AutoConfig/AutoModel, pipeline by instance and by name."""
 import pytest
-import yaml
 from mindformers import AutoConfig, AutoModel
 from mindformers.models.build_model import build_network
 from mindformers.pipeline import pipeline
@@ -15,7 +14,7 @@ SHIPPED_YAMLS = sorted(CONFIG_DIR.glob("*/*.yaml"))
 
 @pytest.mark.parametrize("path", SHIPPED_YAMLS, ids=lambda p: p.name)
 def test_every_shipped_yaml_matches_its_preset(path):
-    model_config = yaml.safe_load(path.read_text())["model"]["model_config"]
+    model_config = MindFormerConfig(str(path)).model.model_config        # base_config resolved
     preset = "tiny" if path.parent.name == "tiny" else "knowlm-13b-zhixi"
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "rms_norm_eps"):
         assert model_config[key] == PRESETS[preset][1][key], key
@@ -75,3 +74,18 @@ def test_all_pipeline_names_are_registered_with_mindformers():
     from mindformers.mindformer_book import MindFormerBook
     table = MindFormerBook.get_pipeline_support_task_list()["text_generation"]
     assert {name: table[name] for name in PIPELINE_CONFIGS} == {n: str(config_path(n)) for n in PIPELINE_CONFIGS}
+
+
+def test_an_edited_copy_of_a_predict_yaml_reads_its_own_weights_and_tokenizer(model_dir, tmp_path, monkeypatch):
+    from knowlm.generate import generate
+    from knowlm.models.load import load_model
+    monkeypatch.delenv(checkpoint_variable("knowlm_tiny"), raising=False)
+    copy = tmp_path / "my_predict.yaml"
+    copy.write_text(config_path("knowlm_tiny").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(KnowLMError, match=f"set model.model_config.checkpoint_name_or_path in {copy}"):
+        load_model(copy)
+    copy.write_text(config_path("knowlm_tiny").read_text(encoding="utf-8").replace(
+        'checkpoint_name_or_path: ""', f'checkpoint_name_or_path: "{model_dir}"'), encoding="utf-8")
+    model, tokenizer = load_model(copy)
+    expected = generate(*load_model(str(model_dir), use_past=True), "知识图谱", max_new_tokens=6)
+    assert generate(model, tokenizer, "知识图谱", max_new_tokens=6) == expected

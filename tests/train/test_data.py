@@ -57,6 +57,27 @@ def test_short_seq_length_cuts_the_prompt_but_keeps_response_supervised(tokenize
     assert [int(x) for x in labels if x != IGNORE_INDEX] == response
 
 
+def test_a_cut_prompt_keeps_the_response_marker_it_is_answered_after(tokenizer):
+    record = dict(RECORD, input="鲁迅出生于浙江绍兴。" * 30)
+    input_ids, labels = encode_sample(tokenizer, record, seq_length=64, report=PrepareReport())
+    start = int(np.argmax(labels != IGNORE_INDEX))
+    prompt = tokenizer.decode([int(t) for t in input_ids[1:start]])
+    assert prompt.startswith("Below is an instruction") and prompt.endswith("\n\n### Response:\n")
+    assert [int(x) for x in labels if x != IGNORE_INDEX] == \
+        tokenizer.encode(record["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("seq_length, message", [
+    (0, "--seq-length 0: expected the model's training seq_length, an integer >= 1"),
+    (8, "--seq-length 8: too short for the prompt's end"),
+])
+def test_a_seq_length_that_leaves_no_supervised_answer_is_refused(tokenizer, tmp_path, seq_length, message):
+    source = write_jsonl(tmp_path / "d.jsonl", [RECORD])
+    with pytest.raises(KnowLMError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prepare_data(source, tokenizer, tmp_path / "train.mindrecord", seq_length=seq_length)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
 def test_long_response_is_truncated_and_counted(tokenizer):
     report = PrepareReport()
     _, labels = encode_sample(tokenizer, dict(RECORD, output="知识图谱" * 60), seq_length=128, report=report)
@@ -73,6 +94,8 @@ def test_mindrecord_output_reads_back_and_is_not_overwritten(tokenizer, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "train.mindrecord", "train.mindrecord.db"]
     with pytest.raises(KnowLMError, match="already exists; pass --force"):
         prepare_data(source, tokenizer, out, seq_length=64)
+    with pytest.raises(KnowLMError, match="is also an input of this command"):
+        prepare_data(source, tokenizer, source, seq_length=64, force=True)
 
 
 @pytest.mark.parametrize("line, problem", [

@@ -15,6 +15,8 @@ from knowlm.files import CONFIG_DIR
 from knowlm.train.data import prepare_data
 from knowlm.train.callbacks import latest_checkpoint
 from knowlm.train.finetune import finetune
+from knowlm.cli import main
+from reference import fails_with_one_line
 
 TINY_LORA = CONFIG_DIR / "tiny" / "finetune_lora.yaml"
 REPO = Path(__file__).resolve().parents[2]
@@ -85,9 +87,44 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(model_di
     assert _finetune([*common, "--output-dir", str(tmp_path / "killed"), "--resume"]) == 0
     straight = lora_state(latest_checkpoint(tmp_path / "straight" / "checkpoints" / "rank_0"))
     resumed = lora_state(latest_checkpoint(checkpoints))
-    assert latest_checkpoint(checkpoints).name == "checkpoint_rank_0-2_4.ckpt" and straight.keys() == resumed.keys()
+    # Named by epoch and step from the start of the run: 8 steps an epoch, so step 12 is in epoch 2.
+    assert latest_checkpoint(checkpoints).name == "checkpoint_rank_0-2_12.ckpt" and straight.keys() == resumed.keys()
     for name, value in straight.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def test_a_used_output_folder_is_refused_resumed_only_with_its_settings_or_started_over(model_dir, train_data,
+                                                                                      tmp_path, capsys):
+    finetune(TINY_LORA, data=train_data, base=model_dir, output_dir=tmp_path, max_steps=2,
+             overrides={"knowlm.save_every": 1})
+    capsys.readouterr()         # the library call's own log
+    folder = tmp_path / "checkpoints" / "rank_0"
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert sorted(before) == ["adapter_config.json", "checkpoint_rank_0-1_1.ckpt", "checkpoint_rank_0-1_2.ckpt"]
+    argv = ["finetune", "--config", TINY_LORA, "--data", train_data, "--base", model_dir, "--output-dir", tmp_path,
+            "--max-steps", "2"]
+    fails_with_one_line(argv, capsys, f"{tmp_path}: holds checkpoints of an earlier run; pass --resume")
+    fails_with_one_line([*argv, "--resume", "--set", "model.model_config.pet_config.lora_rank=8"], capsys,
+                        "its run trained with other settings (r 16,", "this one (r 8,")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before       # untouched
+    # Over again: the earlier run's files go first (lora_dropout as an integer is what users type).
+    assert main([str(arg) for arg in argv] + ["--force", "--set", "model.model_config.pet_config.lora_alpha=8",
+                                              "--set", "model.model_config.pet_config.lora_dropout=0"]) == 0
+    assert sorted(path.name for path in folder.iterdir()) == ["adapter_config.json", "checkpoint_rank_0-1_2.ckpt"]
+    assert json.loads((folder / "adapter_config.json").read_text())["lora_alpha"] == 8.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "LoRA (pet_config) adapts a base model and none is given; pass --base"),
+    (["--base", "BASE", "--max-steps", "0"], "--max-steps 0: expected an integer >= 1"),
+    (["--base", "BASE", "--max-steps", "-1"], "--max-steps -1: expected an integer >= 1"),
+])
+def test_a_run_that_cannot_be_what_was_asked_is_refused_before_it_starts(extra, message, model_dir, train_data,
+                                                                         tmp_path, capsys):
+    extra = [str(model_dir) if arg == "BASE" else arg for arg in extra]
+    fails_with_one_line(["finetune", "--config", TINY_LORA, "--data", train_data, "--output-dir", tmp_path, *extra],
+                        capsys, message)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def free_port():

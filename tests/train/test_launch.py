@@ -18,9 +18,27 @@ TINY_LORA = CONFIG_DIR / "tiny" / "finetune_lora.yaml"
 DEVICE_IPS = [f"192.98.{i % 4}.{10 + i}" for i in range(8)]
 
 
-def test_13b_lora_yaml_fits_eight_devices_and_not_sixteen():
-    assert check_config(LORA_13B, devices=8) == []
-    assert "= 8, but 16 device(s) will run it" in check_config(LORA_13B, devices=16)[0]
+@pytest.fixture
+def paths(tmp_path):
+    """The paths a run reads, as check-config wants them to exist: training data and a base model."""
+    (tmp_path / "train.mindrecord").write_bytes(b"")
+    (tmp_path / "base").mkdir()
+    return {"data": tmp_path / "train.mindrecord", "base": tmp_path / "base"}
+
+
+def test_13b_lora_yaml_fits_eight_devices_and_not_sixteen(paths):
+    assert check_config(LORA_13B, devices=8, **paths) == []
+    assert "= 8, but 16 device(s) will run it" in check_config(LORA_13B, devices=16, **paths)[0]
+
+
+@pytest.mark.parametrize("yaml", [LORA_13B, CONFIG_DIR / "knowlm_13b" / "run_knowlm_13b.yaml"])
+def test_a_lora_run_without_base_model_or_data_is_not_ready(yaml, paths):
+    problems = check_config(yaml, devices=8)
+    assert len(problems) == 2
+    assert "LoRA (pet_config) adapts a base model and none is given; pass --base" in problems[0]
+    assert "no training data; pass --data" in problems[1]
+    assert len(check_config(yaml, devices=8, data=paths["data"])) == 1
+    assert check_config(yaml, devices=8, **paths) == []
 
 
 def test_13b_lora_yaml_carries_the_zhixi_recipe():
@@ -36,9 +54,30 @@ def test_13b_lora_yaml_carries_the_zhixi_recipe():
     ({"model.model_config.checkpoint_name_or_path": "/nonexistent/model"}, "'/nonexistent/model' does not exist"),
     ({"train_dataset.data_loader.dataset_dir": "/nonexistent/train.mindrecord"}, "does not exist"),
 ])
-def test_check_config_names_each_problem(overrides, problem):
-    problems = check_config(TINY_LORA, devices=1, overrides=overrides)
+def test_check_config_names_each_problem(overrides, problem, paths):
+    problems = check_config(TINY_LORA, devices=1, overrides=overrides, **paths)
     assert len(problems) == 1 and problem in problems[0]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("runner_config.epoch", "3", "--set runner_config.epoch: "),          # a typo of epochs
+    ("optimiser.betas", "[0.9, 0.95]", "--set optimiser.betas: "),
+    ("model.model_config.pet_config.lora_rank", "0", "pet_config.lora_rank 0: expected an integer >= 1"),
+    ("model.model_config.pet_config.lora_dropout", "1.5", "pet_config.lora_dropout 1.5: expected a number in [0, 1)"),
+])
+def test_a_set_key_the_yaml_lacks_or_a_lora_value_out_of_range_is_refused(key, value, message, paths, capsys):
+    argv = ["check-config", str(TINY_LORA), "--data", str(paths["data"]), "--base", str(paths["base"])]
+    assert main([*argv, "--set", f"{key}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_lora_numbers_written_as_integers_are_what_mindformers_expects(paths):
+    from knowlm.train.config import training_config
+    config = training_config(TINY_LORA, overrides={"model.model_config.pet_config.lora_dropout": 0,
+                                                   "model.model_config.n_kv_heads": 2}, **paths)
+    assert isinstance(config.model.model_config.pet_config.lora_dropout, float)
+    assert config.model.model_config.n_kv_heads == 2          # a model setting the yaml leaves at its default
 
 
 def test_check_config_cli_fails_with_one_line(capsys):
@@ -76,26 +115,40 @@ def test_devices_parse_as_launcher_ranges():
         parse_devices("a-b")
 
 
-def test_rank_table_launch_sets_each_ranks_environment(tmp_path):
+def test_launchers_find_a_config_by_the_name_mindformers_page_gives(tmp_path, paths):
+    env = dict(os.environ, DRY_RUN="1", OUTPUT_DIR=str(tmp_path / "out"),
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    run = subprocess.run(["bash", str(REPO / "scripts" / "run_distribute.sh"), "msrun", "run_knowlm_13b.yaml", "8",
+                          "finetune", "--data", str(paths["data"]), "--base", str(paths["base"])],
+                         env=env, capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"finetune --config {CONFIG_DIR / 'knowlm_13b' / 'run_knowlm_13b.yaml'} --data" in run.stdout
+    run = subprocess.run(["bash", str(REPO / "scripts" / "run_standalone.sh"), "no_such.yaml", "0", "finetune"],
+                         env=env, capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no_such.yaml: config not found" in run.stderr
+
+
+def test_rank_table_launch_sets_each_ranks_environment(tmp_path, paths):
     table = tmp_path / "hccl_4p.json"
     rank_table(range(4, 8), table, server_ip="10.0.0.5", device_ips=DEVICE_IPS[:4])
     env = dict(os.environ, DRY_RUN="1", OUTPUT_DIR=str(tmp_path / "out"),
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     run = subprocess.run(["bash", str(REPO / "scripts" / "run_distribute.sh"), str(table), str(TINY_LORA), "[4,8]",
-                          "finetune", "--set", "use_parallel=True", "--set", "parallel_config.data_parallel=4"],
+                          "finetune", "--set", "use_parallel=True", "--set", "parallel_config.data_parallel=4",
+                          "--data", str(paths["data"]), "--base", str(paths["base"])],
                          env=env, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("rank ")]
     assert lines == [f"rank {r}: RANK_TABLE_FILE={table} RANK_SIZE=4 RANK_ID={r} DEVICE_ID={r + 4} knowlm finetune "
-                     f"--config {TINY_LORA} --set use_parallel=True --set parallel_config.data_parallel=4"
-                     for r in range(4)]
+                     f"--config {TINY_LORA} --set use_parallel=True --set parallel_config.data_parallel=4 "
+                     f"--data {paths['data']} --base {paths['base']}" for r in range(4)]
 
 
-def test_launcher_refuses_a_layout_that_does_not_fit(tmp_path):
+def test_launcher_refuses_a_layout_that_does_not_fit(tmp_path, paths):
     table = tmp_path / "hccl_2p.json"
     rank_table(range(2), table, server_ip="10.0.0.5", device_ips=DEVICE_IPS[:2])
     run = subprocess.run(["bash", str(REPO / "scripts" / "run_distribute.sh"), str(table), str(TINY_LORA), "[0,2]",
-                          "finetune"], env=dict(os.environ, DRY_RUN="1", OUTPUT_DIR=str(tmp_path / "out"),
+                          "finetune", "--data", str(paths["data"]), "--base", str(paths["base"])], env=dict(os.environ, DRY_RUN="1", OUTPUT_DIR=str(tmp_path / "out"),
                                                 PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2 and "but 2 device(s) will run it" in run.stderr
