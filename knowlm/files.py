@@ -42,7 +42,10 @@ def staged(*paths):
     paths = [Path(path) for path in paths]
     stage = paths[0].parent / f".{paths[0].name}.{os.getpid()}.partial"
     shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
+    try:
+        stage.mkdir(parents=True)
+    except OSError as err:
+        raise KnowLMError(f"{paths[0]}: cannot be written ({err.strerror or first_line(err)})") from None
     try:
         yield [stage / path.name for path in paths]
         for path in paths:
@@ -132,21 +135,32 @@ def refuse_output(path, force: bool, *inputs):
     return refuse_existing(path, force)
 
 
-def prepare_output_dir(output_dir, force: bool, marker: str = CONFIG_NAME, source_dir=None, stale=None) -> Path:
-    """Create ``output_dir``; one that holds a result (its ``marker`` file) is refused unless ``force``.
+@contextlib.contextmanager
+def staged_output(output_dir, names, force, source_dir=None, marker=CONFIG_NAME, stale=None):
+    """Temporary paths for the files ``names`` of ``output_dir`` (``marker``, whose presence says complete, last).
 
-    With ``force`` the old marker goes first, so an interrupted overwrite never looks complete, and so do the files
-    matching ``stale`` (a glob: the old result's parts, which the new one may not all replace). ``source_dir``: the
-    input of the job, never its output.
+    The body writes and checks them. On a clean exit the old result goes (its marker first, then the files matching
+    the glob ``stale``: its parts, which the new result may not all replace) and the new files are renamed into
+    place, the marker last. On any failure nothing is published: ``output_dir`` is as it was, or absent if it did
+    not exist. A result already there is refused unless ``force``; ``source_dir``: the input, never the output.
     """
     output_dir = Path(output_dir)
+    if names[-1] != marker:
+        raise ValueError(f"staged_output: {marker} must be the last of {names}")
     if source_dir is not None and output_dir.resolve() == Path(source_dir).resolve():
         raise KnowLMError(f"{output_dir}: is the input directory; choose another output directory")
-    if (output_dir / marker).exists():
-        if not force:
-            raise KnowLMError(f"{output_dir}: already holds a result ({marker}); pass --force to overwrite it")
-        (output_dir / marker).unlink()
+    if (output_dir / marker).exists() and not force:
+        raise KnowLMError(f"{output_dir}: already holds a result ({marker}); pass --force to overwrite it")
+    created = [path for path in (output_dir, *output_dir.parents) if not path.exists()]
     output_dir.mkdir(parents=True, exist_ok=True)
-    for path in output_dir.glob(stale) if stale else ():
-        path.unlink()
-    return output_dir
+    try:
+        with staged(*(output_dir / name for name in names)) as tmps:
+            yield tmps
+            (output_dir / marker).unlink(missing_ok=True)
+            for path in output_dir.glob(stale) if stale else ():
+                path.unlink()
+    except BaseException:
+        for path in created:            # deepest first; each is empty unless someone else wrote there meanwhile
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise

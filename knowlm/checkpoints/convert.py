@@ -6,7 +6,6 @@ overflow, always), and re-reads the headers it wrote. ``export_checkpoint`` writ
 bytes unchanged, after checking each MindSpore file's checksum. Both write the whole result under temporary names
 (``staged_output``) and publish it only when complete and checked: a failure leaves the output as it was, or absent.
 """
-import contextlib
 import time
 from dataclasses import dataclass
 from math import prod
@@ -24,7 +23,7 @@ from knowlm.checkpoints.names import (HF_TO_MINDSPORE, UNKNOWN, check_tensors, e
 from knowlm.checkpoints.stream import DTYPE_ALIASES, DTYPES
 from knowlm.errors import KnowLMError
 from knowlm.files import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_copy,
-                          read_json, refuse_existing, staged, write_json)
+                          read_json, refuse_existing, staged, staged_output, write_json)
 from knowlm.tokenizer.spm import check_sentencepiece
 
 
@@ -65,37 +64,6 @@ def make_summary(action, output, entries, dtype, start):
 def progress_bar(total, desc):
     # disable=None: a bar on a terminal, nothing in logs and pipes.
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
-
-
-@contextlib.contextmanager
-def staged_output(output_dir, names, force, source_dir=None, marker=CONFIG_NAME, stale=None):
-    """Temporary paths for the files ``names`` of ``output_dir`` (``marker``, whose presence says complete, last).
-
-    The body writes and checks them. On a clean exit the old result goes (its marker first, then the files matching
-    the glob ``stale``: its parts, which the new result may not all replace) and the new files are renamed into
-    place, the marker last. On any failure nothing is published: ``output_dir`` is as it was, or absent if it did
-    not exist. A result already there is refused unless ``force``; ``source_dir``: the input, never the output.
-    """
-    output_dir = Path(output_dir)
-    if names[-1] != marker:
-        raise ValueError(f"staged_output: {marker} must be the last of {names}")
-    if source_dir is not None and output_dir.resolve() == Path(source_dir).resolve():
-        raise KnowLMError(f"{output_dir}: is the input directory; choose another output directory")
-    if (output_dir / marker).exists() and not force:
-        raise KnowLMError(f"{output_dir}: already holds a result ({marker}); pass --force to overwrite it")
-    created = [path for path in (output_dir, *output_dir.parents) if not path.exists()]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with staged(*(output_dir / name for name in names)) as tmps:
-            yield tmps
-            (output_dir / marker).unlink(missing_ok=True)
-            for path in output_dir.glob(stale) if stale else ():
-                path.unlink()
-    except BaseException:
-        for path in created:            # deepest first; each is empty unless someone else wrote there meanwhile
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        raise
 
 
 def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=False, prefer="safetensors",

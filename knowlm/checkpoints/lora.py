@@ -26,14 +26,14 @@ import yaml
 from mindformers.pet import LoraConfig
 
 from knowlm.checkpoints import stream
-from knowlm.checkpoints.convert import make_summary, progress_bar, staged_output
+from knowlm.checkpoints.convert import make_summary, progress_bar
 from knowlm.checkpoints.hf import HFShard, HFTensor, checked_cast, import_torch, write_mindspore
 from knowlm.checkpoints.model_dir import checkpoint_files, load_config
 from knowlm.checkpoints.names import (LORA_A, LORA_B, PROJECTION_WEIGHT, expected_shapes, hf_to_mindspore_name,
                                       listing, lora_name)
 from knowlm.errors import KnowLMError, first_line
 from knowlm.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB,
-                          WEIGHTS_INDEX_NAME, atomic_copy, read_json, write_json)
+                          WEIGHTS_INDEX_NAME, atomic_copy, read_json, staged_output, write_json)
 
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 # PEFT features that change the computation beyond W + (alpha/r)·B·A: each must be off.

@@ -19,7 +19,7 @@ from knowlm.checkpoints import stream
 from knowlm.checkpoints.names import is_kv_cache_parameter
 from knowlm.errors import KnowLMError, first_line
 from knowlm.files import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_copy,
-                          atomic_write, index_shards, prepare_output_dir, read_json, write_json)
+                          index_shards, read_json, staged_output, write_json)
 from knowlm.models.config import KnowLMConfig
 
 
@@ -116,12 +116,12 @@ def save_pretrained(network, output_dir, tokenizer_file, force=False, config=Non
     ``seq_length`` and ``batch_size``, which would cap generation). Every file is written under a temporary name
     and renamed when complete; an existing directory with a config in it is refused unless ``force``.
     """
-    output_dir = prepare_output_dir(output_dir, force, stale=WEIGHTS_GLOB)
     params = [{"name": p.name, "data": p} for p in network.get_parameters() if not is_kv_cache_parameter(p.name)]
-    atomic_write(output_dir / WEIGHTS_NAME, lambda tmp: ms.save_checkpoint(params, str(tmp), crc_check=True))
-    atomic_copy(tokenizer_file, output_dir / TOKENIZER_NAME)
     values = (config or network.config).to_dict()
     values["checkpoint_name_or_path"] = ""
     # The config is written last: a directory with config.json is a complete one.
-    write_json(output_dir / CONFIG_NAME, values)
-    return output_dir
+    with staged_output(output_dir, [WEIGHTS_NAME, TOKENIZER_NAME, CONFIG_NAME], force, stale=WEIGHTS_GLOB) as tmps:
+        ms.save_checkpoint(params, str(tmps[0]), crc_check=True)
+        atomic_copy(tokenizer_file, tmps[1])
+        write_json(tmps[2], values)
+    return Path(output_dir)

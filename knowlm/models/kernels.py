@@ -29,6 +29,7 @@ from mindformers.models.llama.llama_transformer import LLamaDecodeLayer
 from mindformers.modules.layers import RotaryEmbedding
 
 from knowlm.checkpoints.names import KV_CACHE_NAMES, LAYER_CELLS, PROJECTIONS
+from knowlm.errors import KnowLMError
 from knowlm.files import atomic_write, cache_dir
 
 log = logging.getLogger("knowlm")
@@ -67,8 +68,19 @@ def kernel_library():
     """Path of the compiled kernel library, or None (switched off, or no working compiler: logged once). Loaded
     here once to set its threads; MindSpore's own loading of the same file shares that instance."""
     library = _build_library()
-    if library is not None:
-        ctypes.CDLL(str(library)).KnowLMSetThreads(kernel_threads())
+    if library is None:
+        return None
+    try:
+        handle = ctypes.CDLL(str(library))
+        handle.KnowLMSetThreads
+    except (OSError, AttributeError) as error:      # a damaged or foreign file in the cache: built again
+        log.warning("knowlm: %s does not load (%s); building it again", library, error)
+        library.unlink(missing_ok=True)
+        library = _build_library()
+        if library is None:
+            return None
+        handle = ctypes.CDLL(str(library))
+    handle.KnowLMSetThreads(kernel_threads())
     return library
 
 
@@ -91,7 +103,7 @@ def _build_library():
     except _BuildFailed as error:
         log.warning("knowlm: building %s failed (%s), %s", SOURCE, error, _FALLBACK)
         return None
-    except OSError as error:
+    except (OSError, KnowLMError) as error:      # KnowLMError: atomic_write's "cannot be written"
         log.warning("knowlm: cannot build %s in %s (%s), %s", SOURCE.name, library.parent, error, _FALLBACK)
         return None
     return library

@@ -8,6 +8,7 @@ where an uninterrupted one does.
 """
 import contextlib
 import copy
+import functools
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ from mindformers.wrapper.wrapper import MFTrainOneStepCell
 
 from knowlm.checkpoints.lora import adapter_config, merge_lora, pet_settings
 from knowlm.checkpoints.model_dir import load_config, save_pretrained
-from knowlm.errors import KnowLMError
+from knowlm.errors import KnowLMError, first_line
 from knowlm.files import ADAPTER_CONFIG, CONFIG_NAME, TOKENIZER_NAME, read_json
 from knowlm.models.llama import KnowLMForCausalLM
 from knowlm.models import registry  # noqa: F401  (the yaml's type: names)
@@ -106,10 +107,10 @@ def finetune(config_path, data=None, base=None, output_dir=None, resume=False, m
                                 log_every=knowlm_cfg.get("log_every", 1), initial_step=done, out=sys.stdout)
     saver = TrainingCheckpoint(run.checkpoints, every=knowlm_cfg.get("save_every", 50), rank=_rank(),
                                keep=knowlm_cfg.get("keep", 3), initial_step=done, settings=run.adapter_settings)
-    trainer = _trainer(config, [progress, saver])
-    # MindFormers prints its whole resolved config and other notices to stdout while it trains; knowlm's own lines
-    # go to the caller's stdout (``progress.out``), MindFormers' to stderr.
-    with contextlib.redirect_stdout(sys.stderr):
+    # MindFormers prints its whole resolved config and other notices to stdout while it builds and trains:
+    # they go to the run's log file; knowlm's own lines to the caller's stdout (``progress.out``).
+    with contextlib.redirect_stdout(_mindformers_log(Path(config.output_dir), _rank())):
+        trainer = _trainer(config, [progress, saver])
         if run.start is not None:
             trainer.finetune(finetune_checkpoint=str(run.checkpoints.parent), resume_training=run.start.name)
         else:
@@ -140,7 +141,13 @@ def _plan(config_path, config, resume, max_steps, export_merged, force) -> _Run:
     run.start = _run_folder(run, resume, force)
     batch_size = config.runner_config.batch_size
     data_parallel = config.parallel_config.data_parallel if config.get("use_parallel") else 1
-    steps_per_epoch = _dataset_size(dataset) // (batch_size * data_parallel)
+    samples, width = _dataset_shape(dataset)
+    seq_length = config.model.model_config.seq_length
+    if width != seq_length + 1:
+        raise KnowLMError(f"{dataset}: samples of {width} tokens, for seq_length {width - 1}, but the model trains "
+                          f"at seq_length {seq_length}; run prepare-data with --seq-length {seq_length}, or "
+                          f"--set model.model_config.seq_length={width - 1}")
+    steps_per_epoch = samples // (batch_size * data_parallel)
     if steps_per_epoch < 1:
         raise KnowLMError(f"{dataset}: fewer samples than one step takes (batch_size {batch_size} x data_parallel "
                           f"{data_parallel})")
@@ -195,16 +202,24 @@ def _trainer(config, callbacks):
     ms.set_seed(config.seed or 0)      # the Trainer seeds too, but after the network (and LoRA's init) exists
     network = build_network(config.model)       # LoRA from pet_config
     # The Trainer makes a new MindFormers logger (named after the output folder) at INFO, on the stdout of the
-    # moment, and logs through it at once: the caller's level holds before and after, and its console is stderr.
+    # moment (the run's log file), and logs through it at once: the caller's level holds before and after.
     level, disabled = get_logger().getEffectiveLevel(), logging.root.manager.disable
     logging.disable(max(disabled, level - 1))
     try:
-        with contextlib.redirect_stdout(sys.stderr):
-            trainer = Trainer(args=config, task="text_generation", model=network, callbacks=callbacks)
+        trainer = Trainer(args=config, task="text_generation", model=network, callbacks=callbacks)
     finally:
         logging.disable(disabled)
     get_logger().setLevel(level)
     return trainer
+
+
+@functools.lru_cache(maxsize=None)
+def _mindformers_log(output_dir, rank):
+    """``<output_dir>/log/mindformers_rank_<rank>.log``, appended to, for what MindFormers prints. Open for the
+    rest of the process: the Trainer's logger keeps writing to the stream it was made on."""
+    path = output_dir / "log" / f"mindformers_rank_{rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a", encoding="utf-8", buffering=1)  # pylint: disable=consider-using-with
 
 
 def export(result, base, pet, output_dir, force=False):
@@ -220,5 +235,12 @@ def _rank():
     return int(os.environ.get("RANK_ID") or os.environ.get("MS_NODE_ID") or 0)
 
 
-def _dataset_size(path):
-    return ds.MindDataset(str(path), columns_list=["input_ids"], shuffle=False).get_dataset_size()
+def _dataset_shape(path):
+    """``(samples, tokens per sample)`` of a MindRecord from ``knowlm prepare-data``."""
+    try:
+        dataset = ds.MindDataset(str(path), columns_list=["input_ids"], shuffle=False)
+        first = next(dataset.create_tuple_iterator(output_numpy=True, num_epochs=1))[0]
+        return dataset.get_dataset_size(), int(first.shape[-1])
+    except (RuntimeError, StopIteration) as err:
+        raise KnowLMError(f"{path}: not a MindRecord of training samples from `knowlm prepare-data` "
+                          f"({first_line(err)})") from None

@@ -2,6 +2,8 @@
 import ctypes
 import logging
 import os
+import subprocess
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -135,6 +137,19 @@ def test_without_a_working_compiler_decoding_falls_back_with_one_warning(fresh_l
         assert kernel_library() is None
     assert len(caplog.records) == 1 and message in caplog.records[0].getMessage()
     assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]     # no partial library left
+
+
+def test_a_damaged_library_in_the_cache_is_built_again(fresh_library, tmp_path):
+    library = kernel_library()
+    library.unlink()            # a new file: this process keeps the one it loaded mapped
+    library.write_bytes(b"\x7fELF but not a library")
+    # A later process finds the damaged file.
+    code = "from knowlm.models.kernels import kernel_library; print(kernel_library())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env={**os.environ, "KNOWLM_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == str(library), done.stderr[-2000:]
+    assert "does not load" in done.stderr and "building it again" in done.stderr
+    assert library.read_bytes().startswith(b"\x7fELF") and library.stat().st_size > 1000
 
 
 def test_unwritable_cache_folder_falls_back_with_one_warning(fresh_library, caplog, tmp_path):

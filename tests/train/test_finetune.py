@@ -127,6 +127,14 @@ def test_a_run_that_cannot_be_what_was_asked_is_refused_before_it_starts(extra, 
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_samples_prepared_for_another_seq_length_are_refused_by_name(model_dir, train_data, tmp_path, capsys):
+    short = prepare_data(train_data.parent / "d.jsonl", KnowLMTokenizer(vocab_file=str(model_dir)),
+                         tmp_path / "short.mindrecord", seq_length=64) and tmp_path / "short.mindrecord"
+    fails_with_one_line(["finetune", "--config", TINY_LORA, "--data", short, "--base", model_dir, "--output-dir",
+                         tmp_path / "run"], capsys, "samples of 65 tokens, for seq_length 64, but the model trains at "
+                        "seq_length 128; run prepare-data with --seq-length 128")
+
+
 def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
