@@ -22,11 +22,19 @@ def _frameworks(args):
         os.environ.setdefault("GLOG_v", "2" if args.verbose else "3")
     from knowlm.files import cache_dir
     os.environ.setdefault("LOCAL_DEFAULT_PATH", str(cache_dir() / "mindformers"))
+    if "mindformers" in sys.modules:
+        return
+    # Its import logs warnings (optional models it cannot load) before any logger of it can be set: logging is
+    # off while it imports, and its logger is at errors afterwards. (knowlm's own warnings stay on.)
+    disabled = logging.root.manager.disable
     if not args.verbose:
-        # MindFormers makes new loggers as it goes (one per log folder, the Trainer's among them), each at INFO.
         logging.disable(logging.WARNING)
-    with contextlib.redirect_stdout(sys.stderr):
-        import mindformers  # noqa: F401
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            from mindformers.tools.logger import get_logger
+    finally:
+        logging.disable(disabled)
+    get_logger().setLevel(logging.INFO if args.verbose else logging.ERROR)
 
 
 # ------------------------------------------------------------------------------------------------ models
