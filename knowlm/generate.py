@@ -39,9 +39,11 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_
              temperature=1.0, repetition_penalty=1.0, seed=None):
     """Continue each prompt; returns the generated text only (prompt excluded), one string per prompt.
 
-    Prompts of different lengths are right-padded with the pad token, which MindFormers' ``generate`` reads as
-    "valid length ends here"; every row then decodes from its own last token. A prompt whose tokens and
-    ``max_new_tokens`` do not fit the model's ``seq_length`` is refused (``PromptTooLong``).
+    Prompts of different lengths are right-padded; MindFormers' ``generate`` reads a row's valid length as "up to
+    its last token that is not ``pad_token_id``", so the padding id is one that no prompt ends with (the
+    tokenizer's pad id unless a prompt ends with it: any id may stand inside or at the end of a prompt). Every row
+    then decodes from its own last token. A prompt whose tokens and ``max_new_tokens`` do not fit the model's
+    ``seq_length`` is refused (``PromptTooLong``).
     """
     options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=top_k, top_p=top_p,
                    temperature=temperature, repetition_penalty=repetition_penalty, seed=seed)
@@ -59,9 +61,16 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_
                                 f"prompt, lower --max-new-tokens to at most {max(seq_length - len(ids), 0)}, or "
                                 "raise seq_length", index)
     width = max(len(ids) for ids in encoded)
-    padded = [ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids in encoded]
-    outputs = model.generate(padded, **options)
+    pad = padding_id(encoded, tokenizer.pad_token_id)
+    padded = [ids + [pad] * (width - len(ids)) for ids in encoded]
+    outputs = model.generate(padded, pad_token_id=pad, **options)
     return [tokenizer.decode(list(out[len(ids):]), skip_special_tokens=True) for ids, out in zip(encoded, outputs)]
+
+
+def padding_id(rows, preferred) -> int:
+    """``preferred``, or the smallest id that ends none of ``rows`` if one ends with it."""
+    ends = {ids[-1] for ids in rows if ids}
+    return preferred if preferred not in ends else next(i for i in range(len(ends) + 1) if i not in ends)
 
 
 def text_generator(model, batch_size, **generation):

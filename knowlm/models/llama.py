@@ -133,6 +133,10 @@ class KnowLMForCausalLM(LlamaForCausalLM):
         use_graph_mode()
         # By keyword: MindFormers' lazy-inline decorator reads disable_lazy_inline only from a keyword config.
         super().__init__(config=config)
+        # Attention masks follow positions, never token values: MindFormers' mask also hides every key whose token
+        # is pad_token_id, i.e. a real <unk>, </s> or <|im_end|> inside a prompt. Right padding needs no mask of
+        # its own (a real query never looks past itself; decode steps attend up to batch_valid_length).
+        self.model.casual_mask.pad_token_id = -1
         self.kernel_library = None
         if not on_ascend():
             self.argmax = _argmax

@@ -41,6 +41,41 @@ def test_greedy_tokens_match_transformers(hf_model, no_cache, prompt):
     assert got == expected[:len(got)] and (len(got) == len(expected) or got[-1] == 2)
 
 
+# The pad id (0, also <unk>) and the end-of-sequence id (2) inside prompts, as chat templates and unknown characters
+# put them: they are tokens like any other, never masked out.
+SPECIAL_INSIDE = [[1, 17, 0, 31, 2, 5, 42, 0, 9], [1, 2, 600, 0, 0, 300, 7]]
+
+
+@pytest.mark.parametrize("prompt", SPECIAL_INSIDE)
+def test_pad_and_eos_ids_inside_a_prompt_are_attended_as_in_transformers(hf_model, no_cache, with_cache, prompt):
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([prompt])).logits.numpy()
+    assert np.abs(knowlm_logits(no_cache, [prompt]) - expected).max() <= 1e-4
+    reference = hf_greedy(hf_model, prompt, 8)
+    for model in (no_cache, with_cache):
+        got = model.generate([prompt], max_new_tokens=8, do_sample=False)[0].tolist()
+        assert got == reference[:len(got)] and (len(got) == len(reference) or got[-1] == 2)
+
+
+def test_a_prompt_ending_with_the_pad_id_keeps_its_last_token_given_another_padding_id(hf_model, with_cache):
+    from knowlm.generate import generate
+    prompts = [[1, 17, 250, 0], [1, 600, 7, 2, 300, 0, 0]]          # end with <unk> (the pad id), twice
+
+    class Ids:          # a tokenizer whose texts are their ids, to put any id at the end of a prompt
+        pad_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": prompts[int(text)]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+    texts = generate(with_cache, Ids(), ["0", "1"], max_new_tokens=6)
+    for prompt, text in zip(prompts, texts):
+        reference = hf_greedy(hf_model, prompt, 6)[len(prompt):]
+        got = [int(t) for t in text.split()]
+        assert got == reference[:len(got)] and (len(got) == len(reference) or got[-1] == 2)
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_kv_cache_greedy_equals_no_cache_greedy(no_cache, with_cache, prompt):
     expected = no_cache.generate([prompt], max_new_tokens=20, do_sample=False)[0].tolist()
