@@ -23,6 +23,5 @@ def describe(err):
     if isinstance(err, UnicodeDecodeError):
         return f"not UTF-8 text ({first_line(err)}); expected UTF-8"
     if isinstance(err, OSError) and err.strerror:
-        where = err.filename if err.filename is not None else ""
-        return f"{where}: {err.strerror}" if where else err.strerror
+        return f"{err.filename}: {err.strerror}" if err.filename is not None else err.strerror
     return None
