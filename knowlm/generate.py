@@ -5,7 +5,9 @@ Every option is checked where it enters, under the name of its command-line flag
 without a word.
 """
 from knowlm.errors import KnowLMError
+from knowlm.models.llama import padding_id
 from knowlm.models.load import load_model
+from knowlm.tokenizer.chat import apply_chat_template, chat_template
 
 
 class PromptTooLong(KnowLMError):
@@ -36,8 +38,12 @@ def check_generation(max_new_tokens=64, do_sample=False, top_k=50, top_p=1.0, te
 
 
 def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_k=50, top_p=1.0,
-             temperature=1.0, repetition_penalty=1.0, seed=None):
+             temperature=1.0, repetition_penalty=1.0, seed=None, chat=None):
     """Continue each prompt; returns the generated text only (prompt excluded), one string per prompt.
+
+    ``chat``: None, the prompt is raw text; ``"model"``, each prompt is a user turn in the model's own chat template
+    (``tokenizer_config.json``/GGUF's ``chat_template``, rendered as transformers renders it); ``"alpaca"`` or
+    ``"llama2"``, KnowLM's and OneKE's templates by name (``knowlm.tokenizer.chat``).
 
     Prompts of different lengths are right-padded; MindFormers' ``generate`` reads a row's valid length as "up to
     its last token that is not ``pad_token_id``", so the padding id is one that no prompt ends with (the
@@ -52,7 +58,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_
         prompts = [prompts]
     if not prompts:
         raise KnowLMError("no prompt given; expected at least one prompt")
-    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    encoded = encode_prompts(tokenizer, prompts, chat)
     seq_length = model.config.seq_length
     for index, ids in enumerate(encoded):
         if len(ids) + max_new_tokens > seq_length:
@@ -67,15 +73,22 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_
     return [tokenizer.decode(list(out[len(ids):]), skip_special_tokens=True) for ids, out in zip(encoded, outputs)]
 
 
-def padding_id(rows, preferred) -> int:
-    """``preferred``, or the smallest id that ends none of ``rows`` if one ends with it."""
-    ends = {ids[-1] for ids in rows if ids}
-    return preferred if preferred not in ends else next(i for i in range(len(ends) + 1) if i not in ends)
+def encode_prompts(tokenizer, prompts, chat=None) -> list:
+    """The ids of each prompt, as raw text or inside chat template ``chat`` (see ``generate``)."""
+    if chat is None:
+        return [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    if chat == "model":
+        # As transformers' apply_chat_template(tokenize=True): the template writes every special token itself.
+        return [tokenizer.encode(apply_chat_template(tokenizer, [{"role": "user", "content": prompt}]),
+                                 add_special_tokens=False) for prompt in prompts]
+    template = chat_template(chat)
+    return [tokenizer(template.render(prompt))["input_ids"] for prompt in prompts]
 
 
-def text_generator(model, batch_size, **generation):
+def text_generator(model, batch_size, seq_length=None, **generation):
     """A function from a list of prompts to their continuations: ``generate`` with ``generation`` options over
-    ``load_model(model)``, loaded at the first call, so that bad input fails before a large model is loaded."""
+    ``load_model(model)`` (at ``seq_length`` positions, default the model's), loaded at the first call, so that bad
+    input fails before a large model is loaded."""
     check_generation(**generation)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise KnowLMError(f"--batch-size {batch_size}: expected an integer >= 1")
@@ -83,6 +96,7 @@ def text_generator(model, batch_size, **generation):
 
     def run(prompts):
         if not loaded:
-            loaded.extend(load_model(model, use_past=True, batch_size=batch_size))
+            sizes = {"seq_length": seq_length} if seq_length else {}
+            loaded.extend(load_model(model, use_past=True, batch_size=batch_size, **sizes))
         return generate(*loaded, prompts, **generation)
     return run

@@ -109,6 +109,26 @@ def _use_cpu_kernels(network: LlamaForCausalLM):
     return library
 
 
+def padding_id(rows, preferred) -> int:
+    """``preferred``, or the smallest id that ends none of ``rows`` if one ends with it."""
+    ends = {int(ids[-1]) for ids in rows if len(ids)}
+    return preferred if preferred not in ends else next(i for i in range(len(ends) + 1) if i not in ends)
+
+
+def _rows_and_padding(input_ids, kwargs, default_pad):
+    """One prompt, or rows of different lengths, right-padded with an id that ends none of them (and
+    ``pad_token_id`` set to it); rows of one width as given (MindFormers' reading: trailing pad ids are padding)."""
+    if isinstance(input_ids, np.ndarray) and input_ids.ndim == 2:
+        return input_ids, kwargs
+    rows = [list(row) for row in input_ids] if len(input_ids) and not np.isscalar(input_ids[0]) else [list(input_ids)]
+    if len(rows) > 1 and len({len(row) for row in rows}) == 1:
+        return input_ids, kwargs
+    preferred = kwargs.get("pad_token_id", default_pad if default_pad is not None else 0)
+    pad = padding_id(rows, preferred)
+    width = max(len(row) for row in rows)
+    return [row + [pad] * (width - len(row)) for row in rows], {**kwargs, "pad_token_id": pad}
+
+
 def _argmax(logits, axis):
     # On the host: an eager ops.argmax launch per generated token costs far more on CPU than the copy.
     return ms.Tensor(np.argmax(logits.asnumpy(), axis).astype(np.int32))
@@ -137,6 +157,9 @@ class KnowLMForCausalLM(LlamaForCausalLM):
         # is pad_token_id, i.e. a real <unk>, </s> or <|im_end|> inside a prompt. Right padding needs no mask of
         # its own (a real query never looks past itself; decode steps attend up to batch_valid_length).
         self.model.casual_mask.pad_token_id = -1
+        # The same for the training loss: MindFormers drops every position whose *input* token is the pad id (the
+        # prediction after a mid-sample <|im_end|> or <unk>); the labels' IGNORE_INDEX alone says what is learned.
+        self.pad_token_id = -1
         self.kernel_library = None
         if not on_ascend():
             self.argmax = _argmax
@@ -181,6 +204,14 @@ class KnowLMForCausalLM(LlamaForCausalLM):
 
     def generate(self, input_ids, generation_config=None, logits_processor=None, streamer=None, seed=None,
                  **kwargs):
+        """MindFormers' ``generate``, where a row's length is known from the input, not guessed from its tokens.
+
+        ``input_ids``: one prompt (a list of ids, or a batch of one), or rows of different lengths, padded here
+        with an id that no row ends with (``padding_id``): every token of such a row is prompt, pad ids included.
+        Rows of one width (what MindFormers' pipeline passes) keep MindFormers' reading: trailing ``pad_token_id``
+        ids are padding, so ``knowlm.generate`` pads its batches with an id no prompt ends with.
+        """
+        input_ids, kwargs = _rows_and_padding(input_ids, kwargs, self.config.pad_token_id)
         shape = np.shape(input_ids)              # (length,) or (batch, padded length)
         batch, width = (1, shape[0]) if len(shape) == 1 else shape[:2]
         if width >= self.config.seq_length:

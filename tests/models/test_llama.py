@@ -237,3 +237,51 @@ def test_training_model_uses_row_sum_gradients(model_dir):
     norms = [cell for _, cell in model.cells_and_names() if isinstance(cell, LlamaRMSNorm)]
     assert norms and all(isinstance(norm, KnowLMRMSNorm) for norm in norms)
     assert all(isinstance(layer.attention.softmax, Softmax) for layer in model.model.layers)
+
+
+def test_lora_training_loss_of_a_chat_sample_with_eos_and_unk_inside_equals_torch_peft(hf_model, model_dir, tmp_path):
+    # A two-turn LLaMA-2 chat sample (OneKE's format): </s><s> between the turns and an <unk> (the pad id, 0) in
+    # the text, both answers supervised. MindFormers dropped every position whose input is the pad id from the loss.
+    import copy
+    import peft
+    from knowlm.checkpoints.lora import import_peft_adapter
+    from knowlm.models.lora import load_lora_model
+    from knowlm.tokenizer.spm import BUILTIN_TOKENIZER, KnowLMTokenizer
+    tokenizer = KnowLMTokenizer(vocab_file=BUILTIN_TOKENIZER)
+    turns = [("[INST] 抽取三元组：张三出生于北京。[/INST]", "(张三, 出生地, 北京)"),
+             ("[INST] And: Irene was born in Wuhan.[/INST]", "(Irene, place of birth, Wuhan)")]
+    ids, labels = [], []
+    for question, answer in turns:
+        prompt = [1] + tokenizer.encode(question, add_special_tokens=False)
+        reply = tokenizer.encode(answer, add_special_tokens=False)
+        reply = reply[:3] + [0] + reply[3:] + [2]                       # <unk> inside the answer, </s> after it
+        ids += prompt + reply
+        labels += [-100] * len(prompt) + reply
+    seq_length = 128
+    width = seq_length + 1
+    assert ids.count(0) == 2 and ids.count(2) == 2 and len(ids) < width
+    padded_ids = np.array(ids + [0] * (width - len(ids)), np.int32)[None]
+    padded_labels = np.array(labels + [-100] * (width - len(labels)), np.int32)[None]
+
+    torch.manual_seed(3)
+    lora = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).eval()
+    lora.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        logits = lora(torch.tensor(padded_ids[:, :-1]).long()).logits
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(padded_labels[0, 1:]).long(),
+                                                     ignore_index=-100).item()
+    adapter = import_peft_adapter(tmp_path / "peft", tmp_path / "adapter").output
+    model = load_lora_model(model_dir, adapter, use_past=False, seq_length=seq_length)
+    model.set_train(True)
+    got = model(ms.Tensor(padded_ids), labels=ms.Tensor(padded_labels)).asnumpy().item()
+    assert abs(got - expected) <= 1e-5 * abs(expected), (got, expected)
+
+
+def test_one_prompt_ending_with_the_pad_id_is_all_prompt(hf_model, with_cache):
+    prompt = [1, 17, 250, 2, 31, 0]            # </s> inside, <unk> (the pad id) last
+    reference = hf_greedy(hf_model, prompt, 6)
+    for given in (prompt, [prompt]):
+        got = with_cache.generate(given, max_new_tokens=6, do_sample=False)[0].tolist()
+        assert got == reference[:len(got)] and (len(got) == len(reference) or got[-1] == 2)

@@ -202,8 +202,7 @@ def test_full_finetuning_follows_torch_adamw_step_for_step(model_dir, train_data
     for step in range(steps):
         ids, labels = (torch.tensor(np.stack(column)).long() for column in zip(*rows[step * batch:(step + 1) * batch]))
         logits = hf(input_ids=ids[:, :-1]).logits
-        targets = torch.where(ids[:, :-1] != 0, labels[:, 1:], -100)     # pad (id 0) inputs predict nothing
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
