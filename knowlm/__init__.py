@@ -16,7 +16,8 @@ ie              information extraction: prompts, parsing, scoring, training data
 ==============  ============================================================================================
 
 Beside them: ``cli`` (the ``knowlm`` command), ``generate`` (text in, text out), ``quickstart``, ``runtime``
-(MindSpore's mode and compile cache), ``files`` (names and atomic writes), ``errors``.
+(MindSpore's mode and compile cache), ``frameworks`` (MindSpore and MindFormers loaded quietly), ``files`` (names and
+atomic writes), ``errors``.
 """
 import importlib
 
@@ -27,6 +28,7 @@ _PUBLIC = {
     "KnowLMConfig": "knowlm.models.registry",
     "KnowLMForCausalLM": "knowlm.models.registry",
     "KnowLMTokenizer": "knowlm.models.registry",
+    "KnowLMFastTokenizer": "knowlm.models.registry",
     "PRESETS": "knowlm.models.config",
     "KnowLMError": "knowlm.errors",
     "load_model": "knowlm.models.load",

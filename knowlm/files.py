@@ -22,7 +22,9 @@ CONFIG_NAME = "config.json"                              # KnowLMConfig.to_dict(
 WEIGHTS_NAME = "mindspore_model.ckpt"                    # weights, or shards listed in the index
 WEIGHTS_INDEX_NAME = "mindspore_model.ckpt.index.json"
 WEIGHTS_GLOB = "mindspore_model*.ckpt*"                  # every weight file of a model directory
-TOKENIZER_NAME = "tokenizer.model"                       # SentencePiece model
+TOKENIZER_NAME = "tokenizer.model"                       # SentencePiece model (KnowLM, OneKE)
+FAST_TOKENIZER_NAME = "tokenizer.json"                   # or a Hugging Face fast tokenizer (byte-level BPE models)
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"          # beside tokenizer.json: special tokens, chat_template
 # A LoRA adapter directory (PEFT's names).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.ckpt"

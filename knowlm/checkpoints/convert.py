@@ -7,11 +7,7 @@ bytes unchanged, after checking each MindSpore file's checksum. Both write the w
 (``staged_output``) and publish it only when complete and checked: a failure leaves the output as it was, or absent.
 """
 import time
-from dataclasses import dataclass
-from math import prod
 from pathlib import Path
-
-from tqdm import tqdm
 
 from knowlm.checkpoints import stream
 from knowlm.checkpoints.hf import (HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HFShard, HFTensor, hf_config_from_knowlm,
@@ -20,50 +16,12 @@ from knowlm.checkpoints.hf import (HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HFShard
 from knowlm.checkpoints.model_dir import checkpoint_files, load_config
 from knowlm.checkpoints.names import (HF_TO_MINDSPORE, UNKNOWN, check_tensors, expected_shapes, listing, lookup,
                                       mindspore_to_hf_name)
-from knowlm.checkpoints.stream import DTYPE_ALIASES, DTYPES
+from knowlm.checkpoints.stream import DTYPES
+from knowlm.checkpoints.summary import Summary, make_summary, progress_bar, resolve_dtype
 from knowlm.errors import KnowLMError
-from knowlm.files import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_copy,
-                          read_json, refuse_existing, staged, staged_output, write_json)
-from knowlm.tokenizer.spm import check_sentencepiece
-
-
-def resolve_dtype(dtype) -> str:
-    if dtype not in DTYPE_ALIASES:
-        raise KnowLMError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
-    return DTYPE_ALIASES[dtype]
-
-
-@dataclass
-class Summary:
-    """What a conversion wrote; ``str()`` is the one-line report the CLI prints."""
-    action: str
-    output: Path
-    tensors: int
-    parameters: int
-    nbytes: int
-    dtype: str
-    seconds: float
-
-    def __str__(self):
-        return (f"{self.action} {self.tensors} tensors ({self.parameters:,} parameters, {_size(self.nbytes)}, "
-                f"{self.dtype}) to {self.output} in {self.seconds:.1f} s")
-
-
-def _size(nbytes):
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
-
-
-def make_summary(action, output, entries, dtype, start):
-    return Summary(action, Path(output), len(entries), sum(prod(e.shape) for e in entries),
-                   sum(e.nbytes for e in entries), dtype, time.time() - start)
-
-
-def progress_bar(total, desc):
-    # disable=None: a bar on a terminal, nothing in logs and pipes.
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None)
+from knowlm.files import (CONFIG_NAME, WEIGHTS_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_copy, read_json,
+                          refuse_existing, staged, staged_output, write_json)
+from knowlm.tokenizer.load import check_tokenizer_files, tokenizer_files
 
 
 def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=False, prefer="safetensors",
@@ -91,7 +49,8 @@ def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=Fal
         plan = [[e for e in entries if e.name != "lm_head.weight"] for entries in plan]
     check_tensors([e for entries in plan for e in entries], expected, hf_dir, show=mindspore_to_hf_name)
     single_file = output.suffix == ".ckpt"
-    tokenizer = None if single_file else _checked_tokenizer(hf_dir / TOKENIZER_NAME, config.vocab_size)
+    tokenizer = [] if single_file else check_tokenizer_files(hf_dir, config.vocab_size, config.bos_token_id,
+                                                             config.eos_token_id)
     if single_file:
         refuse_existing(output, force)
     plan = [entries for entries in plan if entries]
@@ -101,8 +60,8 @@ def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=Fal
         names = [WEIGHTS_NAME] if len(plan) == 1 else \
             [f"{Path(WEIGHTS_NAME).stem}-{i:05d}-of-{len(plan):05d}.ckpt" for i in range(1, len(plan) + 1)]
     outputs = staged(output) if single_file else staged_output(
-        output, [*names, *([WEIGHTS_INDEX_NAME] if len(names) > 1 else []), TOKENIZER_NAME, CONFIG_NAME], force,
-        source_dir=hf_dir, stale=WEIGHTS_GLOB)
+        output, [*names, *([WEIGHTS_INDEX_NAME] if len(names) > 1 else []), *(p.name for p in tokenizer), CONFIG_NAME],
+        force,        source_dir=hf_dir, stale=WEIGHTS_GLOB)
     with outputs as tmps:
         if echo:
             echo(f"knowlm convert: {hf_dir} ({len(files)} {files[0].suffix[1:]} file(s), "
@@ -113,15 +72,17 @@ def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=Fal
                 write_mindspore(tmp, entries, dtype, bar, check_finite)
         written = stream.validate(shards, expected, output, dtype, checksum=False)
         if not single_file:
-            index, tokenizer_tmp, config_tmp = tmps[len(names):] if len(names) > 1 else (None, *tmps[1:])
+            rest = tmps[len(names):]
+            index, rest = (rest[0], rest[1:]) if len(names) > 1 else (None, rest)
             if index:
                 weight_map = {e.name: Path(e.path).name for e in written}
                 write_json(index, {"metadata": {"total_size": sum(e.nbytes for e in written)},
                                    "weight_map": weight_map})
-            atomic_copy(tokenizer, tokenizer_tmp)
+            for source, tmp in zip(tokenizer, rest):
+                atomic_copy(source, tmp)
             values = config.to_dict()
             values["checkpoint_name_or_path"] = ""
-            write_json(config_tmp, values)
+            write_json(rest[-1], values)
     return make_summary("converted", output, written, dtype, start)
 
 
@@ -146,13 +107,6 @@ def _default_dtype(hf, source_dtype):
     return declared if declared in DTYPES else source_dtype
 
 
-def _checked_tokenizer(path: Path, vocab_size: int) -> Path:
-    if not path.is_file():
-        raise KnowLMError(f"{path}: not found; the knowlm directory needs the SentencePiece model the weights "
-                          "were trained with")
-    check_sentencepiece(path, vocab_size)
-    return path
-
 
 # ----------------------------------------------------------------------------------------------- export
 
@@ -173,8 +127,8 @@ def export_checkpoint(model_dir, hf_dir, force=False, echo=None) -> Summary:
     names = [HF_SAFETENSORS] if len(shards) == 1 else \
         [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     extra = [HF_SAFETENSORS_INDEX] if len(names) > 1 else []
-    tokenizer = [TOKENIZER_NAME] if (model_dir / TOKENIZER_NAME).is_file() else []
-    with staged_output(hf_dir, [*names, *extra, *tokenizer, CONFIG_NAME], force, source_dir=model_dir,
+    tokenizer = _tokenizer_files(model_dir)
+    with staged_output(hf_dir, [*names, *extra, *(p.name for p in tokenizer), CONFIG_NAME], force, source_dir=model_dir,
                        stale="model*.safetensors*") as tmps:
         if echo:
             echo(f"knowlm export: {model_dir} ({len(shards)} ckpt file(s), {len(entries)} tensors, {dtype}) "
@@ -189,8 +143,16 @@ def export_checkpoint(model_dir, hf_dir, force=False, echo=None) -> Summary:
                 "metadata": {"total_size": sum(e.nbytes for e in entries)},
                 "weight_map": {mindspore_to_hf_name(e.name): name for name, shard in zip(names, shards)
                                for e in shard}})
-        if tokenizer:
-            atomic_copy(model_dir / TOKENIZER_NAME, next(rest))
+        for source in tokenizer:
+            atomic_copy(source, next(rest))
         write_json(next(rest), hf_config_from_knowlm(config, dtype))
     return make_summary("exported", hf_dir, entries, dtype, start)
 
+
+
+def _tokenizer_files(model_dir):
+    # A model directory without a tokenizer (weights made elsewhere) still exports its weights.
+    try:
+        return tokenizer_files(model_dir)
+    except KnowLMError:
+        return []

@@ -26,13 +26,14 @@ import yaml
 from mindformers.pet import LoraConfig
 
 from knowlm.checkpoints import stream
-from knowlm.checkpoints.convert import make_summary, progress_bar
+from knowlm.checkpoints.summary import make_summary, progress_bar
 from knowlm.checkpoints.hf import HFShard, HFTensor, checked_cast, import_torch, write_mindspore
 from knowlm.checkpoints.model_dir import checkpoint_files, load_config
 from knowlm.checkpoints.names import (LORA_A, LORA_B, PROJECTION_WEIGHT, expected_shapes, hf_to_mindspore_name,
                                       listing, lora_name)
 from knowlm.errors import KnowLMError, first_line
-from knowlm.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB,
+from knowlm.tokenizer.load import tokenizer_files
+from knowlm.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_NAME, WEIGHTS_GLOB,
                           WEIGHTS_INDEX_NAME, atomic_copy, read_json, staged_output, write_json)
 
 _PEFT_NAME = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
@@ -133,7 +134,8 @@ def merge_lora(base_dir, lora, output_dir, lora_config=None, force=False, echo=N
                           f"{ADAPTER_CONFIG}, for LoRA's alpha and rank (they are not guessed)")
     rank, alpha, _ = read_lora_settings(settings)
     pairs = _lora_pairs(adapter_files(lora), expected, rank)
-    copied = [name for name in (WEIGHTS_INDEX_NAME, TOKENIZER_NAME) if (base_dir / name).is_file()]
+    copied = [WEIGHTS_INDEX_NAME] if (base_dir / WEIGHTS_INDEX_NAME).is_file() else []
+    copied += [path.name for path in tokenizer_files(base_dir)]
     with staged_output(output_dir, [*(path.name for path in files), *copied, CONFIG_NAME], force,
                        source_dir=base_dir, stale=WEIGHTS_GLOB) as tmps:
         if echo:

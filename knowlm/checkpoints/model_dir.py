@@ -21,6 +21,7 @@ from knowlm.errors import KnowLMError, first_line
 from knowlm.files import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_copy,
                           index_shards, read_json, staged_output, write_json)
 from knowlm.models.config import KnowLMConfig
+from knowlm.tokenizer.load import tokenizer_files
 
 
 def load_config(model_dir, **overrides) -> KnowLMConfig:
@@ -109,8 +110,9 @@ def _holder(path, files, name):
     return Path(path) / shard
 
 
-def save_pretrained(network, output_dir, tokenizer_file, force=False, config=None):
-    """Write ``network`` (config + weights) and ``tokenizer_file`` as a knowlm model directory.
+def save_pretrained(network, output_dir, tokenizer_dir, force=False, config=None):
+    """Write ``network`` (config + weights) and the tokenizer files of ``tokenizer_dir`` (a model directory, or a
+    tokenizer file in one) as a knowlm model directory.
 
     ``config``: the config to write instead of the network's (a trained network carries its training run's
     ``seq_length`` and ``batch_size``, which would cap generation). Every file is written under a temporary name
@@ -120,8 +122,12 @@ def save_pretrained(network, output_dir, tokenizer_file, force=False, config=Non
     values = (config or network.config).to_dict()
     values["checkpoint_name_or_path"] = ""
     # The config is written last: a directory with config.json is a complete one.
-    with staged_output(output_dir, [WEIGHTS_NAME, TOKENIZER_NAME, CONFIG_NAME], force, stale=WEIGHTS_GLOB) as tmps:
+    tokenizer_dir = Path(tokenizer_dir)
+    tokenizer = tokenizer_files(tokenizer_dir if tokenizer_dir.is_dir() else tokenizer_dir.parent)
+    with staged_output(output_dir, [WEIGHTS_NAME, *(p.name for p in tokenizer), CONFIG_NAME], force,
+                       stale=WEIGHTS_GLOB) as tmps:
         ms.save_checkpoint(params, str(tmps[0]), crc_check=True)
-        atomic_copy(tokenizer_file, tmps[1])
-        write_json(tmps[2], values)
+        for source, tmp in zip(tokenizer, tmps[1:]):
+            atomic_copy(source, tmp)
+        write_json(tmps[-1], values)
     return Path(output_dir)

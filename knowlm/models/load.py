@@ -1,7 +1,8 @@
 """``load_model``: everything a user can name a model by, loaded with its tokenizer.
 
-A knowlm model directory, a MindFormers yaml file, a registered pipeline name (``knowlm.models.registry``), or the
-``tiny`` preset (random weights, for trying the tooling without weights).
+A knowlm model directory, a real model a package ships (``smollm2``: ``knowlm.models.packaged``), a MindFormers yaml
+file, a registered pipeline name (``knowlm.models.registry``), or the ``tiny`` preset (random weights, for trying the
+tooling without weights). The tokenizer is the one beside the weights, checked against their config.
 """
 from pathlib import Path
 
@@ -10,11 +11,14 @@ from mindformers.models.build_model import build_network
 from mindformers.models.build_tokenizer import build_tokenizer
 from mindformers.tools.register import MindFormerConfig
 
+from knowlm.checkpoints.model_dir import load_config
 from knowlm.errors import KnowLMError
 from knowlm.models.config import PRESETS, KnowLMConfig
 from knowlm.models.llama import KnowLMForCausalLM
 from knowlm.files import read_yaml
+from knowlm.models.packaged import PACKAGED_MODELS, packaged_model_dir
 from knowlm.models.pipelines import PIPELINE_CONFIGS, checkpoint_for, config_path
+from knowlm.tokenizer.load import load_tokenizer
 from knowlm.tokenizer.spm import BUILTIN_TOKENIZER, KnowLMTokenizer
 
 # Presets that may be built with random weights: small enough that doing so by mistake costs nothing.
@@ -27,8 +31,12 @@ def load_model(spec, seed=0, **overrides):
     ``overrides`` (``use_past``, ``batch_size``, ``seq_length``, ...) replace values of the model config.
     """
     path = Path(spec)
+    if spec in PACKAGED_MODELS and not path.exists():
+        path = packaged_model_dir(spec, echo=print)
+        overrides.setdefault("seq_length", PACKAGED_MODELS[spec].seq_length)
     if path.is_dir():
-        return KnowLMForCausalLM.from_pretrained(path, **overrides), KnowLMTokenizer(vocab_file=path)
+        tokenizer = load_tokenizer(path, load_config(path))        # before the weights: a mismatch fails at once
+        return KnowLMForCausalLM.from_pretrained(path, **overrides), tokenizer
     if spec in PIPELINE_CONFIGS:
         path = config_path(spec)
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -42,8 +50,9 @@ def load_model(spec, seed=0, **overrides):
                           "`knowlm convert` and pass the output directory")
     if path.suffix in (".yaml", ".yml"):
         raise KnowLMError(f"{path}: not found; expected a predict yaml such as {config_path('knowlm_tiny')}")
-    raise KnowLMError(f"model {spec!r}: not a model directory, yaml file, pipeline name "
-                      f"({', '.join(PIPELINE_CONFIGS)}) or preset ({', '.join(RANDOM_INIT_PRESETS)})")
+    raise KnowLMError(f"model {spec!r}: not a model directory, packaged model ({', '.join(PACKAGED_MODELS)}), yaml "
+                      f"file, pipeline name ({', '.join(PIPELINE_CONFIGS)}) or preset "
+                      f"({', '.join(RANDOM_INIT_PRESETS)})")
 
 
 def _from_yaml(path, overrides):

@@ -6,6 +6,9 @@ Input: JSON or JSONL records in the Alpaca layout ``{"instruction", "input", "ou
     input_ids = <s> prompt response </s> <pad>...      (seq_length + 1 tokens)
     labels    = -100 for <s> and the prompt, response and </s> as themselves, -100 for padding
 
+with the tokenizer's own start (``<s>`` for LLaMA's SentencePiece, nothing for SmolLM2's BPE) and end of sequence
+(``</s>``, ``<|im_end|>``). Pad ids only fill the row: the loss follows the labels, never the token values.
+
 MindFormers' ``LlamaForCausalLM`` shifts both itself (position t predicts ``labels[t + 1]``), so the labels are
 *not* pre-shifted here: MindFormers' own Alpaca handler shifts them too and trains every token one off.
 Samples longer than ``seq_length + 1`` are truncated, never dropped: the response is cut first; a prompt is cut
@@ -94,10 +97,11 @@ def encode_sample(tokenizer, record, seq_length, min_response_tokens=16, report=
     prompt = tokenizer.encode(ALPACA.render(record["instruction"], record.get("input", "")),
                               add_special_tokens=False)
     response = tokenizer.encode(record["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    prefix = leading_ids(tokenizer)
     width = seq_length + 1
-    room = width - 1 - len(prompt)            # after <s> and the prompt
+    room = width - len(prefix) - len(prompt)            # after <s> (if the tokenizer adds it) and the prompt
     if room < min(len(response), min_response_tokens):
-        keep = width - 1 - min(len(response), min_response_tokens)
+        keep = width - len(prefix) - min(len(response), min_response_tokens)
         tail = _template_end(tokenizer, prompt)
         if keep < tail:
             raise KnowLMError(f"--seq-length {seq_length}: too short for the prompt's end ({tail} tokens of "
@@ -106,19 +110,25 @@ def encode_sample(tokenizer, record, seq_length, min_response_tokens=16, report=
         prompt = prompt[:keep - tail] + prompt[len(prompt) - tail:]
         if report is not None:
             report.prompt_truncated += 1
-    tokens = [tokenizer.bos_token_id] + prompt + response
+    tokens = prefix + prompt + response
     if len(tokens) > width and report is not None:
         report.truncated += 1
     tokens = tokens[:width]
     input_ids = np.full(width, tokenizer.pad_token_id, np.int32)
     labels = np.full(width, IGNORE_INDEX, np.int32)
     input_ids[:len(tokens)] = tokens
-    start = 1 + len(prompt)
+    start = len(prefix) + len(prompt)
     labels[start:len(tokens)] = tokens[start:]
     if report is not None:
         report.samples += 1
         report.supervised_tokens += len(tokens) - start
     return input_ids, labels
+
+
+def leading_ids(tokenizer) -> list:
+    """The special ids the tokenizer puts before a text (LLaMA's ``<s>``; none for SmolLM2, whose tokenizer adds
+    none): a training sample starts the way a prompt does when it is generated from."""
+    return [token for token in tokenizer("")["input_ids"] if token != tokenizer.eos_token_id]
 
 
 def _template_end(tokenizer, prompt) -> int:

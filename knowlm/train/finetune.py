@@ -28,11 +28,12 @@ from mindformers.wrapper.wrapper import MFTrainOneStepCell
 from knowlm.checkpoints.lora import adapter_config, merge_lora, pet_settings
 from knowlm.checkpoints.model_dir import load_config, save_pretrained
 from knowlm.errors import KnowLMError, first_line
-from knowlm.files import ADAPTER_CONFIG, CONFIG_NAME, TOKENIZER_NAME, read_json
+from knowlm.files import ADAPTER_CONFIG, CONFIG_NAME, read_json
 from knowlm.models.llama import KnowLMForCausalLM
 from knowlm.models import registry  # noqa: F401  (the yaml's type: names)
 from knowlm.train.callbacks import (CHECKPOINT_GLOB, TrainingCheckpoint, TrainingProgress, checkpoint_step,
                                     latest_checkpoint)
+from knowlm.tokenizer.load import tokenizer_files
 from knowlm.train.config import training_config
 from knowlm.train.launch import check_config, world_size
 
@@ -130,9 +131,11 @@ def _plan(config_path, config, resume, max_steps, export_merged, force) -> _Run:
                           "file; make one with `knowlm prepare-data` and pass it with --data")
     # Read before training: the Trainer clears checkpoint_name_or_path, and LoRA wrapping consumes pet_config.
     base = config.model.model_config.checkpoint_name_or_path or ""
-    if export_merged and not (Path(base) / TOKENIZER_NAME).is_file():
+    if export_merged and not Path(base, CONFIG_NAME).is_file():
         raise KnowLMError(f"--export-merged needs --base to be a knowlm model directory (with its tokenizer), "
                           f"got {base!r}")
+    if export_merged:
+        tokenizer_files(base)       # one line now, not after training, if it has none
     if export_merged and (Path(export_merged) / CONFIG_NAME).exists() and not force:
         raise KnowLMError(f"--export-merged {export_merged}: already holds a model ({CONFIG_NAME}); pass --force "
                           "to overwrite it")
@@ -227,7 +230,7 @@ def export(result, base, pet, output_dir, force=False):
     if pet:
         merge_lora(base, result.checkpoint, output_dir, force=force)
     else:
-        save_pretrained(result.model, output_dir, Path(base) / TOKENIZER_NAME, config=load_config(base), force=force)
+        save_pretrained(result.model, output_dir, base, config=load_config(base), force=force)
 
 
 def _rank():

@@ -178,7 +178,7 @@ BAD_INPUTS = {
     "model type": ("safetensors", False, lambda d: _set_config(d, model_type="mistral"),
                    r"config.json: model_type='mistral' is not supported"),
     "no tokenizer": ("safetensors", False, lambda d: (d / "tokenizer.model").unlink(),
-                     r"tokenizer.model: not found; the knowlm directory needs the SentencePiece model"),
+                     r"hf-safetensors: no tokenizer; expected tokenizer.model \(SentencePiece\) or tokenizer.json"),
 }
 
 

