@@ -1,3 +1,3 @@
 """Checkpoints in and out: ``names`` (the weight table every other list derives from), ``stream`` (MindSpore
 ``.ckpt`` files a tensor at a time), ``hf`` (Hugging Face configs and weight files), ``convert`` (``knowlm convert``
-/ ``export``), ``lora`` (adapters: merge, PEFT import, settings) and ``model_dir`` (a knowlm model directory)."""
+/ ``export``), ``gguf`` (``knowlm convert FILE.gguf``: llama.cpp files), ``lora`` (adapters: merge, PEFT import, settings) and ``model_dir`` (a knowlm model directory)."""
