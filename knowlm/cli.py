@@ -4,37 +4,16 @@ Verbs import what they use when they run, so that ``knowlm --help`` and ``--vers
 need no model (evaluate, kg2instruct, rank-table) never load MindSpore.
 """
 import argparse
-import contextlib
-import logging
-import os
 import sys
 
 from knowlm import __version__
 from knowlm.errors import KnowLMError, describe
+from knowlm.frameworks import load_frameworks
 
 
 def _frameworks(args):
-    """Load MindSpore and MindFormers quietly, before a verb imports them: MindSpore's C++ log at errors only (read
-    once, when it loads); MindFormers' log files under knowlm's cache folder instead of ``./output`` in the current
-    folder, and its console log (which it starts on stdout) on stderr, at errors only unless ``--verbose``: results
-    go to stdout, and one line tells what went wrong."""
-    if "mindspore" not in sys.modules:
-        os.environ.setdefault("GLOG_v", "2" if args.verbose else "3")
-    from knowlm.files import cache_dir
-    os.environ.setdefault("LOCAL_DEFAULT_PATH", str(cache_dir() / "mindformers"))
-    if "mindformers" in sys.modules:
-        return
-    # Its import logs warnings (optional models it cannot load) before any logger of it can be set: logging is
-    # off while it imports, and its logger is at errors afterwards. (knowlm's own warnings stay on.)
-    disabled = logging.root.manager.disable
-    if not args.verbose:
-        logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            from mindformers.tools.logger import get_logger
-    finally:
-        logging.disable(disabled)
-    get_logger().setLevel(logging.INFO if args.verbose else logging.ERROR)
+    """MindSpore and MindFormers loaded quietly (``knowlm.frameworks``), before a verb imports them."""
+    load_frameworks(args.verbose)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -43,24 +22,33 @@ def cmd_generate(args):
     _frameworks(args)
     from knowlm.generate import check_generation, generate
     from knowlm.models.load import RANDOM_INIT_PRESETS, load_model
+    from knowlm.tokenizer.chat import chat_template
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_k=args.top_k, top_p=args.top_p,
                    temperature=args.temperature, repetition_penalty=args.repetition_penalty, seed=args.seed)
     check_generation(**options)         # before a model is loaded
     if args.model in RANDOM_INIT_PRESETS:
         print(f"knowlm: preset {args.model!r} has random weights: its text is noise; "
               "pass a converted model directory for real output", file=sys.stderr)
-    model, tokenizer = load_model(args.model, use_past=not args.no_cache, batch_size=len(args.prompt))
-    for prompt, text in zip(args.prompt, generate(model, tokenizer, args.prompt, **options)):
-        print(prompt + text)
+    chat = "model" if args.chat else args.template
+    if chat not in (None, "model"):
+        chat_template(chat)
+    if args.seq_length is not None and args.seq_length < 2:
+        raise KnowLMError(f"--seq-length {args.seq_length}: expected an integer >= 2")
+    sizes = {"seq_length": args.seq_length} if args.seq_length else {}
+    model, tokenizer = load_model(args.model, use_past=not args.no_cache, batch_size=len(args.prompt), **sizes)
+    for prompt, text in zip(args.prompt, generate(model, tokenizer, args.prompt, chat=chat, **options)):
+        print(text if chat else prompt + text)      # a chat prints the answer; a raw prompt, its continuation
 
 
 def add_generate(verbs):
     gen = verbs.add_parser("generate", help="continue one or more prompts")
     gen.add_argument("prompt", nargs="+", help="prompt text; several prompts run as one batch")
     gen.add_argument("--model", default="tiny",
-                     help="model directory, yaml file, pipeline name (knowlm_13b_zhixi, ...) or 'tiny' "
-                          "(random weights); default: tiny")
+                     help="model directory, 'smollm2' (the packaged real model), yaml file, pipeline name "
+                          "(knowlm_13b_zhixi, ...) or 'tiny' (random weights); default: tiny")
     gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--seq-length", type=int, help="positions to run the model at (prompt + new tokens); default: "
+                                                    "the model's (512 for smollm2)")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -68,14 +56,22 @@ def add_generate(verbs):
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
+    chat = gen.add_mutually_exclusive_group()
+    chat.add_argument("--chat", action="store_true",
+                      help="each prompt is a user turn in the model's own chat template (print the answer)")
+    chat.add_argument("--template", choices=["alpaca", "llama2"],
+                      help="each prompt inside KnowLM's Alpaca or OneKE's LLaMA-2 [INST] template")
     gen.set_defaults(run=cmd_generate)
 
 
 def cmd_convert(args):
     _frameworks(args)
-    from knowlm.checkpoints.convert import convert_checkpoint
-    print(convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
-                             check_finite=args.check_finite, echo=print))
+    if args.source.endswith(".gguf"):
+        from knowlm.checkpoints.gguf import convert_gguf as convert
+    else:
+        from knowlm.checkpoints.convert import convert_checkpoint as convert
+    print(convert(args.source, args.out_dir, dtype=args.dtype, force=args.force, check_finite=args.check_finite,
+                  echo=print))
 
 
 def cmd_export(args):
@@ -98,8 +94,9 @@ def cmd_import_peft(args):
 
 
 def add_checkpoints(verbs):
-    conv = verbs.add_parser("convert", help="Hugging Face LLaMA directory (.bin or .safetensors) -> knowlm model")
-    conv.add_argument("hf_dir")
+    conv = verbs.add_parser("convert", help="Hugging Face LLaMA directory (.bin or .safetensors) or llama.cpp "
+                                            ".gguf file -> knowlm model")
+    conv.add_argument("source", help="a Hugging Face model directory or a .gguf file")
     conv.add_argument("out_dir", help="knowlm model directory to write (a name ending in .ckpt: one checkpoint file)")
     conv.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: the checkpoint's own")
     conv.add_argument("--check-finite", action="store_true", help="also check that no weight is inf or nan")
@@ -130,9 +127,9 @@ def add_checkpoints(verbs):
 
 def cmd_prepare_data(args):
     _frameworks(args)
-    from knowlm.tokenizer.spm import KnowLMTokenizer
+    from knowlm.tokenizer.load import load_tokenizer
     from knowlm.train.data import prepare_data
-    report = prepare_data(args.input, KnowLMTokenizer(vocab_file=args.tokenizer), args.output, args.seq_length,
+    report = prepare_data(args.input, load_tokenizer(args.tokenizer), args.output, args.seq_length,
                           skip_bad=args.skip_bad, force=args.force)
     for problem in report.problems:
         print(f"skipped {problem}", file=sys.stderr)
@@ -178,7 +175,7 @@ def _key_value(item):
 def add_training(verbs):
     prep = verbs.add_parser("prepare-data", help="instruction JSON/JSONL -> MindRecord training samples")
     prep.add_argument("--input", required=True, help="Alpaca-style JSON or JSONL (instruction, input, output)")
-    prep.add_argument("--tokenizer", required=True, help="tokenizer.model or a model directory")
+    prep.add_argument("--tokenizer", required=True, help="a model directory, tokenizer.model or tokenizer.json")
     prep.add_argument("--output", required=True, help="MindRecord file to write")
     prep.add_argument("--seq-length", type=int, required=True, help="the model's seq_length in training")
     prep.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
@@ -332,10 +329,10 @@ def cmd_quickstart(args):
 
 
 def add_quickstart(verbs):
-    start = verbs.add_parser("quickstart", help="the whole workflow on a built-in default: convert, finetune, "
-                                                "extract and score, on CPU in minutes")
+    start = verbs.add_parser("quickstart", help="the whole workflow on the real model SmolLM2-135M-Instruct: "
+                                                "convert, extract, LoRA-finetune, extract and score, on CPU")
     start.add_argument("--workdir", help="keep every intermediate file here (an empty or new folder)")
-    start.add_argument("--steps", type=int, help="fine-tuning steps (default: what fits in about 4 minutes)")
+    start.add_argument("--steps", type=int, help="LoRA fine-tuning steps (default 30)")
     start.add_argument("--seed", type=int, default=0)
     start.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     start.set_defaults(run=cmd_quickstart)

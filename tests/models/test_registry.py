@@ -15,7 +15,7 @@ SHIPPED_YAMLS = sorted(CONFIG_DIR.glob("*/*.yaml"))
 @pytest.mark.parametrize("path", SHIPPED_YAMLS, ids=lambda p: p.name)
 def test_every_shipped_yaml_matches_its_preset(path):
     model_config = MindFormerConfig(str(path)).model.model_config        # base_config resolved
-    preset = "tiny" if path.parent.name == "tiny" else "knowlm-13b-zhixi"
+    preset = {"tiny": "tiny", "smollm2": "smollm2"}.get(path.parent.name, "knowlm-13b-zhixi")
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "rms_norm_eps"):
         assert model_config[key] == PRESETS[preset][1][key], key
     assert model_config["type"] == "KnowLMConfig"
