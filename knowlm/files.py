@@ -30,6 +30,21 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.ckpt"
 
 
+def file_in(path, name, owner, expected) -> Path:
+    """``path``, or ``path/name`` when ``path`` is a directory (a model directory holding the file): the file a
+    class (``owner``) was given; one line saying what was ``expected`` if it is unset or absent."""
+    if path is None:
+        raise KnowLMError(f"{owner}: vocab_file is not set; expected the path of {expected} or of a model directory "
+                          "that holds one")
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise KnowLMError(f"{path}: not found; expected {expected} (copy it from the model's Hugging Face "
+                          "directory)")
+    return path
+
+
 def cache_dir() -> Path:
     """knowlm's cache folder: ``$KNOWLM_CACHE_DIR``, else ``$XDG_CACHE_HOME/knowlm`` (``~/.cache/knowlm``)."""
     if os.environ.get("KNOWLM_CACHE_DIR"):

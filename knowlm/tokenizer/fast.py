@@ -15,7 +15,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from tokenizers import AddedToken, Tokenizer, processors
 
 from knowlm.errors import KnowLMError, first_line
-from knowlm.files import FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, atomic_copy
+from knowlm.files import FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, atomic_copy, file_in
 from knowlm.tokenizer.chat import CHAT_TEMPLATE_NAME, read_chat_template
 from knowlm.models.pipelines import checkpoint_for
 
@@ -93,16 +93,7 @@ class KnowLMFastTokenizer(PreTrainedTokenizerFast):
 
 
 def _resolve(vocab_file) -> Path:
-    if vocab_file is None:
-        raise KnowLMError(f"KnowLMFastTokenizer: vocab_file is not set; expected the path of a {FAST_TOKENIZER_NAME} "
-                          "or of a model directory that holds one")
-    path = Path(vocab_file)
-    if path.is_dir():
-        path = path / FAST_TOKENIZER_NAME
-    if not path.is_file():
-        raise KnowLMError(f"{path}: not found; expected a Hugging Face {FAST_TOKENIZER_NAME} (copy it from the "
-                          "model's Hugging Face directory)")
-    return path
+    return file_in(vocab_file, FAST_TOKENIZER_NAME, "KnowLMFastTokenizer", "a Hugging Face tokenizer.json")
 
 
 def _read_json(path, what):

@@ -14,7 +14,7 @@ from mindformers.models.llama.llama_tokenizer import LlamaTokenizer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from knowlm.errors import KnowLMError, first_line
-from knowlm.files import ASSETS_DIR, TOKENIZER_NAME, atomic_write
+from knowlm.files import ASSETS_DIR, TOKENIZER_NAME, atomic_write, file_in
 from knowlm.models.pipelines import checkpoint_for
 
 BUILTIN_TOKENIZER = ASSETS_DIR / "tokenizer.model"
@@ -46,15 +46,7 @@ class KnowLMTokenizer(LlamaTokenizer):
 
 
 def _resolve_vocab_file(vocab_file):
-    if vocab_file is None:
-        raise KnowLMError("KnowLMTokenizer: vocab_file is not set; expected the path of a SentencePiece "
-                          f"{TOKENIZER_NAME} or of a model directory that holds one")
-    path = Path(vocab_file)
-    if path.is_dir():
-        path = path / TOKENIZER_NAME
-    if not path.is_file():
-        raise KnowLMError(f"{path}: {TOKENIZER_NAME} not found; expected the SentencePiece model shipped "
-                          "with the weights (copy it from the Hugging Face checkpoint directory)")
+    path = file_in(vocab_file, TOKENIZER_NAME, "KnowLMTokenizer", "the SentencePiece model shipped with the weights")
     check_sentencepiece(path)
     return path
 

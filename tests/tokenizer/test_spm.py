@@ -44,7 +44,7 @@ def test_pad_token_missing_from_vocabulary_is_refused():
 
 
 def test_missing_tokenizer_model_names_the_path(tmp_path):
-    with pytest.raises(KnowLMError, match=rf"{tmp_path}/tokenizer.model: tokenizer.model not found"):
+    with pytest.raises(KnowLMError, match=rf"{tmp_path}/tokenizer.model: not found"):
         KnowLMTokenizer(vocab_file=str(tmp_path))
 
 
