@@ -130,7 +130,7 @@ def cmd_prepare_data(args):
     from knowlm.tokenizer.load import load_tokenizer
     from knowlm.train.data import prepare_data
     report = prepare_data(args.input, load_tokenizer(args.tokenizer), args.output, args.seq_length,
-                          skip_bad=args.skip_bad, force=args.force)
+                          skip_bad=args.skip_bad, force=args.force, template=args.template)
     for problem in report.problems:
         print(f"skipped {problem}", file=sys.stderr)
     print(f"prepare-data: {args.output}: {report.summary()}")
@@ -179,6 +179,9 @@ def add_training(verbs):
     prep.add_argument("--output", required=True, help="MindRecord file to write")
     prep.add_argument("--seq-length", type=int, required=True, help="the model's seq_length in training")
     prep.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
+    prep.add_argument("--template", choices=["alpaca", "llama2", "model"], default="alpaca",
+                      help="prompt format: KnowLM's Alpaca (default), OneKE's LLaMA-2 [INST], or the model's own "
+                           "chat template (as generate --chat sends prompts)")
     prep.add_argument("--force", action="store_true", help="overwrite an existing output")
     prep.set_defaults(run=cmd_prepare_data)
 

