@@ -22,16 +22,13 @@ def cmd_generate(args):
     _frameworks(args)
     from knowlm.generate import check_generation, generate
     from knowlm.models.load import RANDOM_INIT_PRESETS, load_model
-    from knowlm.tokenizer.chat import chat_template
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_k=args.top_k, top_p=args.top_p,
                    temperature=args.temperature, repetition_penalty=args.repetition_penalty, seed=args.seed)
     check_generation(**options)         # before a model is loaded
     if args.model in RANDOM_INIT_PRESETS:
         print(f"knowlm: preset {args.model!r} has random weights: its text is noise; "
               "pass a converted model directory for real output", file=sys.stderr)
-    chat = "model" if args.chat else args.template
-    if chat not in (None, "model"):
-        chat_template(chat)
+    chat = "model" if args.chat else args.template        # argparse's choices: a known template name
     if args.seq_length is not None and args.seq_length < 2:
         raise KnowLMError(f"--seq-length {args.seq_length}: expected an integer >= 2")
     sizes = {"seq_length": args.seq_length} if args.seq_length else {}

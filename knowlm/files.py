@@ -25,6 +25,11 @@ WEIGHTS_GLOB = "mindspore_model*.ckpt*"                  # every weight file of 
 TOKENIZER_NAME = "tokenizer.model"                       # SentencePiece model (KnowLM, OneKE)
 FAST_TOKENIZER_NAME = "tokenizer.json"                   # or a Hugging Face fast tokenizer (byte-level BPE models)
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"          # beside tokenizer.json: special tokens, chat_template
+CHAT_TEMPLATE_NAME = "chat_template.jinja"               # transformers >= 4.50 saves a model's template here
+SPECIAL_TOKENS_MAP_NAME = "special_tokens_map.json"      # not read (transformers reads it only for old configs)
+# The files of each kind of tokenizer (the first required), copied whenever a model directory is written.
+SENTENCEPIECE_FILES = (TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_NAME)
+FAST_TOKENIZER_FILES = (FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_NAME, SPECIAL_TOKENS_MAP_NAME)
 # A LoRA adapter directory (PEFT's names).
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.ckpt"

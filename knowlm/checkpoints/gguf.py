@@ -26,7 +26,7 @@ from knowlm.checkpoints.hf import checked_cast, import_torch, knowlm_config_from
 from knowlm.checkpoints.names import check_tensors, expected_shapes, hf_to_mindspore_name, listing
 from knowlm.checkpoints.stream import DTYPES
 from knowlm.errors import KnowLMError, first_line
-from knowlm.files import (CONFIG_NAME, FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB,
+from knowlm.files import (CHAT_TEMPLATE_NAME, CONFIG_NAME, FAST_TOKENIZER_NAME, SPECIAL_TOKENS_MAP_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB,
                           WEIGHTS_NAME, staged_output, write_json)
 
 # llama.cpp tensor name -> Hugging Face LLaMA name ("{}": the layer); MindSpore names come from names.WEIGHTS.
@@ -76,7 +76,7 @@ _TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "p
 _TOKENIZER_MODELS = {"llama": "SentencePiece", "gpt2": "byte-level BPE"}
 # Tokenizer files an older result in ``output`` (--force) may hold that this one does not replace: a SentencePiece
 # tokenizer.model wins over tokenizer.json, and chat_template.jinja over tokenizer_config.json's template.
-_STALE = (TOKENIZER_NAME, "chat_template.jinja", "special_tokens_map.json")
+_STALE = (TOKENIZER_NAME, CHAT_TEMPLATE_NAME, SPECIAL_TOKENS_MAP_NAME)
 
 
 @dataclass

@@ -48,6 +48,13 @@ def checkpoint_for(name: str, configured: str = None, yaml_path=None) -> str:
     return path
 
 
+def checkpoint_dir(name: str) -> Path:
+    """The directory of pipeline ``name``'s weights (``checkpoint_for``): where its tokenizer is, when its yaml names
+    none."""
+    weights = Path(checkpoint_for(name))
+    return weights if weights.is_dir() else weights.parent
+
+
 def pipeline_files() -> dict:
     """Pipeline name -> yaml path, as MindFormers' ``MindFormerBook`` table takes them."""
     return {name: str(config_path(name)) for name in PIPELINE_CONFIGS}

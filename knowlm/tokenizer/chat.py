@@ -15,9 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from knowlm.errors import KnowLMError, first_line
-from knowlm.files import TOKENIZER_CONFIG_NAME, read_json
-
-CHAT_TEMPLATE_NAME = "chat_template.jinja"      # transformers >= 4.50 saves a model's template here, not in the config
+from knowlm.files import CHAT_TEMPLATE_NAME, TOKENIZER_CONFIG_NAME, read_json
 
 
 @dataclass(frozen=True)

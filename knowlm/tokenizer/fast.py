@@ -15,13 +15,13 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from tokenizers import AddedToken, Tokenizer, processors
 
 from knowlm.errors import KnowLMError, first_line
-from knowlm.files import FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, atomic_copy, file_in
-from knowlm.tokenizer.chat import CHAT_TEMPLATE_NAME, read_chat_template
-from knowlm.models.pipelines import checkpoint_for
+from knowlm.files import FAST_TOKENIZER_FILES, FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, atomic_copy, file_in
+from knowlm.tokenizer.chat import read_chat_template
+from knowlm.models.pipelines import checkpoint_dir
 
 # The files of a fast tokenizer, tokenizer.json first. special_tokens_map.json is not read (transformers reads it only
 # for configs without added_tokens_decoder) but travels, so a copied directory stays what transformers wrote.
-FAST_FILES = (FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_NAME, "special_tokens_map.json")
+FAST_FILES = FAST_TOKENIZER_FILES
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 # tokenizer_config.json keys taken as they are, with the type each must have.
@@ -43,8 +43,7 @@ class KnowLMFastTokenizer(PreTrainedTokenizerFast):
 
     def __init__(self, vocab_file=None, pipeline_name=None, **kwargs):
         if not vocab_file and pipeline_name:        # yaml files of registered pipeline names: beside the weights
-            weights = Path(checkpoint_for(pipeline_name))
-            vocab_file = weights if weights.is_dir() else weights.parent
+            vocab_file = checkpoint_dir(pipeline_name)
         path = _resolve(vocab_file)
         settings, template, template_source = read_tokenizer_config(path.parent)
         add_bos, add_eos = settings.pop("add_bos_token", None), settings.pop("add_eos_token", None)

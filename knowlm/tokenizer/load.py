@@ -12,14 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from knowlm.errors import KnowLMError
-from knowlm.files import FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_NAME
-from knowlm.tokenizer.chat import CHAT_TEMPLATE_NAME, read_chat_template
+from knowlm.files import (FAST_TOKENIZER_FILES, FAST_TOKENIZER_NAME, SENTENCEPIECE_FILES, TOKENIZER_CONFIG_NAME,
+                          TOKENIZER_NAME)
+from knowlm.tokenizer.chat import read_chat_template
 
 SENTENCEPIECE, FAST = "sentencepiece", "fast"
-# Files that travel with each kind (the first is required), copied when a model directory is written. FAST is
-# fast.FAST_FILES, written out because importing fast loads MindFormers.
-KIND_FILES = {SENTENCEPIECE: (TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_NAME),
-              FAST: (FAST_TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_NAME, "special_tokens_map.json")}
+# Files that travel with each kind (the first is required), copied when a model directory is written.
+KIND_FILES = {SENTENCEPIECE: SENTENCEPIECE_FILES, FAST: FAST_TOKENIZER_FILES}
 _GGUF_MAGIC = b"GGUF"
 
 

@@ -7,7 +7,6 @@ that is not a real piece.
 """
 import io
 import re
-from pathlib import Path
 
 import sentencepiece as spm
 from mindformers.models.llama.llama_tokenizer import LlamaTokenizer
@@ -15,7 +14,7 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from knowlm.errors import KnowLMError, first_line
 from knowlm.files import ASSETS_DIR, TOKENIZER_NAME, atomic_write, file_in
-from knowlm.models.pipelines import checkpoint_for
+from knowlm.models.pipelines import checkpoint_dir
 
 BUILTIN_TOKENIZER = ASSETS_DIR / "tokenizer.model"
 BUILTIN_CORPUS = ASSETS_DIR / "corpus.txt"
@@ -35,8 +34,7 @@ class KnowLMTokenizer(LlamaTokenizer):
 
     def __init__(self, vocab_file=None, pad_token="<unk>", pipeline_name=None, **kwargs):
         if not vocab_file and pipeline_name:
-            weights = Path(checkpoint_for(pipeline_name))
-            vocab_file = weights if weights.is_dir() else weights.parent
+            vocab_file = checkpoint_dir(pipeline_name)
         vocab_file = _resolve_vocab_file(vocab_file)
         super().__init__(vocab_file=str(vocab_file), pad_token=pad_token, **kwargs)
         pad = str(self.pad_token)
