@@ -95,7 +95,9 @@ def add_checkpoints(verbs):
                                             ".gguf file -> knowlm model")
     conv.add_argument("source", help="a Hugging Face model directory or a .gguf file")
     conv.add_argument("out_dir", help="knowlm model directory to write (a name ending in .ckpt: one checkpoint file)")
-    conv.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: the checkpoint's own")
+    conv.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"],
+                      help="default: the checkpoint's own (a GGUF file's: fp32); int8: llama.cpp's Q8_0 for 2-D "
+                           "weights, norms fp32")
     conv.add_argument("--check-finite", action="store_true", help="also check that no weight is inf or nan")
     conv.set_defaults(run=cmd_convert)
 

@@ -7,6 +7,7 @@ bytes unchanged, after checking each MindSpore file's checksum. Both write the w
 (``staged_output``) and publish it only when complete and checked: a failure leaves the output as it was, or absent.
 """
 import time
+from math import prod
 from pathlib import Path
 
 from knowlm.checkpoints import stream
@@ -16,6 +17,7 @@ from knowlm.checkpoints.hf import (HF_SAFETENSORS, HF_SAFETENSORS_INDEX, HFShard
 from knowlm.checkpoints.model_dir import checkpoint_files, load_config
 from knowlm.checkpoints.names import (HF_TO_MINDSPORE, UNKNOWN, check_tensors, expected_shapes, listing, lookup,
                                       mindspore_to_hf_name)
+from knowlm.checkpoints.quant import INT8, PACKED, check_int8, logical_shape, storage_of
 from knowlm.checkpoints.stream import DTYPES
 from knowlm.checkpoints.summary import Summary, make_summary, progress_bar, resolve_dtype
 from knowlm.errors import KnowLMError
@@ -29,7 +31,8 @@ def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=Fal
     """Convert the Hugging Face LLaMA in ``hf_dir`` to a knowlm model directory ``output``.
 
     ``output`` ending in ``.ckpt`` writes a single MindSpore checkpoint file instead (the legacy command's
-    output). ``dtype`` (fp32/fp16/bf16) defaults to the checkpoint's ``torch_dtype``. A cast to a narrower range
+    output). ``dtype`` (fp32/fp16/bf16, or int8: llama.cpp's Q8_0, ``knowlm.checkpoints.quant``) defaults to the
+    checkpoint's ``torch_dtype``. A cast to a narrower range
     (fp32 -> fp16 or bf16, bf16 -> fp16) is always checked for values that overflow it; ``check_finite`` checks
     every converted value for inf and nan too (for a same-dtype conversion: the source's values). A failed check
     names the file and tensor, and leaves ``output`` as it was. ``echo`` (e.g. ``print``) receives the resolved
@@ -42,9 +45,11 @@ def convert_checkpoint(hf_dir, output, dtype=None, force=False, check_finite=Fal
     hf = read_json(hf_dir / CONFIG_NAME)
     files = hf_weight_files(hf_dir, prefer)
     plan, source_dtype = _plan(files)
-    dtype = resolve_dtype(dtype) if dtype else _default_dtype(hf, source_dtype)
+    dtype = resolve_dtype(dtype, int8=True) if dtype else _default_dtype(hf, source_dtype)
     config = knowlm_config_from_hf(hf, dtype, source=str(hf_dir / CONFIG_NAME))
     expected = expected_shapes(config)
+    if dtype == INT8:
+        check_int8(expected, hf_dir, show=mindspore_to_hf_name)
     if config.tie_word_embeddings:      # .bin files of tied models store the shared matrix twice
         plan = [[e for e in entries if e.name != "lm_head.weight"] for entries in plan]
     check_tensors([e for entries in plan for e in entries], expected, hf_dir, show=mindspore_to_hf_name)
@@ -114,7 +119,8 @@ def export_checkpoint(model_dir, hf_dir, force=False, echo=None) -> Summary:
     """Write knowlm model directory ``model_dir`` as a Hugging Face LLaMA directory ``hf_dir`` (safetensors).
 
     One safetensors file per MindSpore shard, with ``model.safetensors.index.json`` when there are several; the
-    bytes are copied unchanged, so a round trip is bit-identical.
+    bytes are copied unchanged, so a round trip is bit-identical. An int8 (Q8_0) model is written dequantized, as
+    float32 (the summary says so).
     """
     start = time.time()
     model_dir, hf_dir = Path(model_dir), Path(hf_dir)
@@ -122,8 +128,10 @@ def export_checkpoint(model_dir, hf_dir, force=False, echo=None) -> Summary:
     expected = expected_shapes(config)
     shards = [stream.verify(path) for path in checkpoint_files(model_dir)]
     entries = [e for shard in shards for e in shard]
-    check_tensors(entries, expected, model_dir, dtype=entries[0].dtype if entries else None)
-    dtype = entries[0].dtype
+    storage = storage_of(entries)
+    check_tensors(entries, expected, model_dir, dtype=storage)
+    dtype = "float32" if storage == INT8 else storage
+    exported = [_exported(e) for e in entries]
     names = [HF_SAFETENSORS] if len(shards) == 1 else \
         [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     extra = [HF_SAFETENSORS_INDEX] if len(names) > 1 else []
@@ -131,8 +139,8 @@ def export_checkpoint(model_dir, hf_dir, force=False, echo=None) -> Summary:
     with staged_output(hf_dir, [*names, *extra, *(p.name for p in tokenizer), CONFIG_NAME], force, source_dir=model_dir,
                        stale="model*.safetensors*") as tmps:
         if echo:
-            echo(f"knowlm export: {model_dir} ({len(shards)} ckpt file(s), {len(entries)} tensors, {dtype}) "
-                 f"-> {hf_dir}")
+            echo(f"knowlm export: {model_dir} ({len(shards)} ckpt file(s), {len(entries)} tensors, {storage}) "
+                 f"-> {hf_dir}{' (float32, dequantized)' if storage == INT8 else ''}")
         with progress_bar(sum(e.nbytes for e in entries), "export") as bar:
             for tmp, shard in zip(tmps, shards):
                 write_safetensors(tmp, shard, bar)
@@ -140,13 +148,24 @@ def export_checkpoint(model_dir, hf_dir, force=False, echo=None) -> Summary:
         rest = iter(tmps[len(names):])
         if extra:
             write_json(next(rest), {
-                "metadata": {"total_size": sum(e.nbytes for e in entries)},
+                "metadata": {"total_size": sum(e.nbytes for e in exported)},
                 "weight_map": {mindspore_to_hf_name(e.name): name for name, shard in zip(names, shards)
                                for e in shard}})
         for source in tokenizer:
             atomic_copy(source, next(rest))
         write_json(next(rest), hf_config_from_knowlm(config, dtype))
-    return make_summary("exported", hf_dir, entries, dtype, start)
+    return make_summary("exported", hf_dir, exported, f"{dtype} dequantized from int8" if storage == INT8 else dtype,
+                        start)
+
+
+def _exported(entry) -> HFTensor:
+    """What ``write_safetensors`` writes of ``entry``: itself, or float32 of its logical shape for a Q8_0 tensor."""
+    if entry.dtype != PACKED:
+        return HFTensor(entry.name, entry.shape, entry.dtype, entry.path, mindspore_to_hf_name(entry.name),
+                        entry.nbytes)
+    shape = logical_shape(entry.shape, PACKED)
+    return HFTensor(entry.name, shape, "float32", entry.path, mindspore_to_hf_name(entry.name),
+                    prod(shape) * DTYPES["float32"].itemsize)
 
 
 

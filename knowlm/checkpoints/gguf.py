@@ -4,7 +4,9 @@ A GGUF file is untrusted data. It is read with the ``gguf`` package's ``GGUFRead
 in the file runs), every read is bounds-checked against the file's length (a truncated or corrupt file is one line
 naming it), and every tensor's name, type and shape is checked against the config the metadata implies before
 anything is written. Then one tensor at a time: dequantized (``gguf.quants.dequantize``, from the memory map),
-q/k rows put back in Hugging Face's order, cast, written, dropped, so memory stays near one tensor.
+q/k rows put back in Hugging Face's order, cast, written, dropped, so memory stays near one tensor. With ``--dtype
+int8`` (Q8_0, ``knowlm.checkpoints.quant``), a Q8_0 tensor of the file is copied as its raw bytes (q/k: its packed rows
+reordered, blocks and scales with their row: lossless), any other 2-D one dequantized and quantized to Q8_0.
 
 The tokenizer is converted by transformers' own GGUF code (what ``AutoTokenizer.from_pretrained(..., gguf_file=...)``
 does), then its special tokens and BOS/EOS flags are set from the file's metadata (see ``_tokenizer``), and saved
@@ -24,6 +26,8 @@ from knowlm.checkpoints import stream
 from knowlm.checkpoints.summary import Summary, make_summary, progress_bar, resolve_dtype
 from knowlm.checkpoints.hf import checked_cast, import_torch, knowlm_config_from_hf
 from knowlm.checkpoints.names import check_tensors, expected_shapes, hf_to_mindspore_name, listing
+from knowlm.checkpoints.quant import (INT8, PACKED, check_int8, check_q8_0_finite, quantize_q8_0, stored_dtype,
+                                      stored_shape)
 from knowlm.checkpoints.stream import DTYPES
 from knowlm.errors import KnowLMError, first_line
 from knowlm.files import (CHAT_TEMPLATE_NAME, CONFIG_NAME, FAST_TOKENIZER_NAME, SPECIAL_TOKENS_MAP_NAME, TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_GLOB,
@@ -94,17 +98,18 @@ class GGUFTensor:
 def convert_gguf(gguf_path, output, dtype=None, force=False, check_finite=False, echo=None) -> Summary:
     """Convert the llama.cpp GGUF file ``gguf_path`` of a LLaMA model to a knowlm model directory ``output``.
 
-    ``dtype`` (fp32/fp16/bf16) defaults to fp32: quantized weights are dequantized to fp32, the type llama.cpp
-    computes with. A narrowing cast is checked for overflow, and ``check_finite`` checks every value for inf and
-    nan. A failure names the file (and tensor or key) in one line and leaves ``output`` as it was. ``echo`` (e.g.
-    ``print``) receives the resolved arguments before the work starts.
+    ``dtype`` (fp32/fp16/bf16, or int8: Q8_0) defaults to fp32: quantized weights are dequantized to fp32, the
+    type llama.cpp computes with (with int8, Q8_0 tensors are copied as they are). A narrowing cast is checked for
+    overflow, and ``check_finite`` checks every value for inf and nan. A failure names the file (and tensor or key)
+    in one line and leaves ``output`` as it was. ``echo`` (e.g. ``print``) receives the resolved arguments before the
+    work starts.
     """
     start = time.time()
     path, output = Path(gguf_path), Path(output)
     if output.suffix == ".ckpt":
         raise KnowLMError(f"{output}: a GGUF file converts to a model directory (its tokenizer goes with the "
                           "weights); expected a directory name, not a .ckpt file")
-    dtype = resolve_dtype(dtype or "fp32")
+    dtype = resolve_dtype(dtype or "fp32", int8=True)
     reader = open_gguf(path)
     arch = _meta(reader, path, "general.architecture")
     if arch != "llama":
@@ -117,6 +122,8 @@ def convert_gguf(gguf_path, output, dtype=None, force=False, check_finite=False,
     by_name = {e.name: e.gguf_name for e in plan}
     expected = expected_shapes(config)
     check_tensors(plan, expected, path, show=lambda name: by_name.get(name, name))
+    if dtype == INT8:
+        check_int8(expected, path, show=lambda name: by_name.get(name, name))
     tokenizer = _tokenizer(reader, path, config.vocab_size)
     if output.exists() and not output.is_dir():
         raise KnowLMError(f"{output}: exists and is not a directory; expected the output model directory")
@@ -240,7 +247,9 @@ def _plan(reader, path, dtype):
             raise KnowLMError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}; supported: "
                               f"{', '.join(TENSOR_TYPES)}")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))   # GGUF lists ne0, the contiguous one, first
-        plan.append(GGUFTensor(name, shape, dtype, str(path), t.name, index, prod(shape) * DTYPES[dtype].itemsize))
+        stored = stored_dtype(shape, dtype)          # Q8_0: rows of K / 32 blocks of 34 bytes (K checked later)
+        nbytes = shape[0] * (shape[1] // 32) * 34 if stored == PACKED else prod(shape) * DTYPES[stored].itemsize
+        plan.append(GGUFTensor(name, shape, dtype, str(path), t.name, index, nbytes))
     if unknown:
         raise KnowLMError(f"{path}: unknown tensor name(s) {listing(unknown)}; expected llama.cpp LLaMA names "
                           f"such as {next(iter(GGUF_TO_HF))!r}")
@@ -301,21 +310,36 @@ def unpermute_qk(weight, n_head):
 
 
 def _write(tmp, reader, plan, config, dtype, check_finite, bar):
-    """One tensor at a time: dequantize from the memory map, un-permute q/k, cast (checked), write, drop."""
+    """One tensor at a time: dequantize from the memory map, un-permute q/k, cast (checked), write, drop. With int8,
+    a Q8_0 tensor's packed rows are copied (q/k rows un-permuted), other 2-D ones quantized to Q8_0."""
     gguf, torch = import_gguf(), import_torch()
     heads = {"attn_q": config.num_heads, "attn_k": config.n_kv_heads or config.num_heads}
     with stream.writer(tmp) as f:
         for entry in plan:
             t = reader.tensors[entry.index]
+            kind, target = entry.gguf_name.split(".")[-2], stored_dtype(entry.shape, dtype)
+            where = f"{entry.path}: tensor {entry.gguf_name!r}"
+            if target == PACKED and t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+                packed = np.asarray(t.data).reshape(stored_shape(entry.shape, PACKED))      # bytes as they are
+                if check_finite:
+                    check_q8_0_finite(packed, where)
+                if kind in heads:
+                    packed = unpermute_qk(packed, heads[kind])                              # whole packed rows
+                stream.write_tensor(f, entry.name, packed.shape, PACKED, np.ascontiguousarray(packed))
+                bar.update(entry.nbytes)
+                continue
             values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(entry.shape)
-            kind = entry.gguf_name.split(".")[-2]
             if kind in heads:
                 values = unpermute_qk(values, heads[kind])
             # A writable, contiguous float32 copy at most (F32 tensors are read-only views of the map).
             values = torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
-            cast = checked_cast(values, dtype, f"{entry.path}: tensor {entry.gguf_name!r}", check_finite)
+            cast = checked_cast(values, "float32" if target == PACKED else target, where, check_finite)
             del values
-            stream.write_tensor(f, entry.name, entry.shape, dtype, cast.reshape(-1).view(torch.uint8).numpy())
+            if target == PACKED:
+                packed = quantize_q8_0(cast.numpy(), where)
+                stream.write_tensor(f, entry.name, packed.shape, PACKED, packed)
+            else:
+                stream.write_tensor(f, entry.name, entry.shape, target, cast.reshape(-1).view(torch.uint8).numpy())
             del cast
             bar.update(entry.nbytes)
 

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from knowlm.checkpoints import stream
 from knowlm.checkpoints.names import check_tensors, hf_to_mindspore_name, mindspore_to_hf_name
+from knowlm.checkpoints.quant import INT8, PACKED, dequantize_q8_0, logical_shape, quantize_q8_0, stored_dtype
 from knowlm.checkpoints.stream import DTYPES
 from knowlm.errors import KnowLMError, first_line
 from knowlm.files import index_shards
@@ -53,7 +55,10 @@ _SAFETENSORS_DTYPES = {**{dtype.safetensors: name for name, dtype in DTYPES.item
 
 
 def knowlm_config_from_hf(hf: dict, dtype="float32", source="config.json", **overrides) -> KnowLMConfig:
-    """The ``KnowLMConfig`` of a Hugging Face LLaMA ``config.json`` (a dict); unsupported settings refused."""
+    """The ``KnowLMConfig`` of a Hugging Face LLaMA ``config.json`` (a dict); unsupported settings refused.
+
+    ``dtype``, the weights' storage, is recorded as ``param_init_type``, and as ``compute_dtype`` too except for
+    ``int8`` (Q8_0), whose weights compute as the float32 they dequantize to."""
     for key, accepted in _HF_SETTINGS.items():
         if key in hf and hf[key] != accepted:
             raise KnowLMError(f"{source}: {key}={hf[key]!r} is not supported; knowlm runs LLaMA with "
@@ -71,7 +76,8 @@ def knowlm_config_from_hf(hf: dict, dtype="float32", source="config.json", **ove
     if values.get("pad_token_id", 0) < 0:
         del values["pad_token_id"]          # some LLaMA configs say -1: knowlm pads with <unk> (id 0)
     values["seq_length"] = values.get("max_position_embedding", 2048)
-    return KnowLMConfig(**{**values, "param_init_type": dtype, "compute_dtype": dtype, **overrides})
+    return KnowLMConfig(**{**values, "param_init_type": dtype, "compute_dtype": "float32" if dtype == INT8 else dtype,
+                           **overrides})
 
 
 def hf_config_from_knowlm(config, dtype: str) -> dict:
@@ -214,7 +220,8 @@ def checked_cast(tensor, dtype: str, where: str, check_finite=False, hint=None):
 def write_mindspore(tmp, entries, dtype, bar, check_finite=False):
     """Write ``entries`` (planned ``HFTensor``s) to MindSpore file ``tmp``, one tensor at a time, with MindSpore's
     CRC trailer. Each cast is checked on the way (``checked_cast``): a narrowing one for overflow, always; every one
-    for inf and nan with ``check_finite``."""
+    for inf and nan with ``check_finite``. ``dtype`` ``int8``: 2-D weights quantized to Q8_0 from float32 (inf and nan
+    refused), 1-D ones float32."""
     torch = import_torch()
     shard = None
     with stream.writer(tmp) as f:
@@ -222,28 +229,41 @@ def write_mindspore(tmp, entries, dtype, bar, check_finite=False):
             if shard is None or entry.path != str(shard.path):
                 shard = None                        # unmap the previous input file before mapping the next
                 shard = HFShard(Path(entry.path))
-            cast = checked_cast(shard.tensor(entry.hf_name), dtype, f"{entry.path}: tensor {entry.hf_name!r}",
+            where, target = f"{entry.path}: tensor {entry.hf_name!r}", stored_dtype(entry.shape, dtype)
+            cast = checked_cast(shard.tensor(entry.hf_name), "float32" if target == PACKED else target, where,
                                 check_finite)
-            stream.write_tensor(f, entry.name, entry.shape, dtype,
-                                cast.contiguous().reshape(-1).view(torch.uint8).numpy())
+            if target == PACKED:
+                packed = quantize_q8_0(cast.numpy(), where)
+                stream.write_tensor(f, entry.name, packed.shape, PACKED, packed)
+            else:
+                stream.write_tensor(f, entry.name, entry.shape, target,
+                                    cast.contiguous().reshape(-1).view(torch.uint8).numpy())
             bar.update(entry.nbytes)
 
 
 def write_safetensors(tmp, entries, bar):
-    """safetensors: 8-byte header length, JSON header (names, dtypes, shapes, offsets), then the raw data."""
+    """safetensors: 8-byte header length, JSON header (names, dtypes, shapes, offsets), then the raw data.
+
+    Float tensors are copied unchanged; a Q8_0 one (uint8) is written dequantized, float32 of its logical shape."""
     header, offset = {}, 0
     for entry in entries:
-        header[mindspore_to_hf_name(entry.name)] = {"dtype": DTYPES[entry.dtype].safetensors,
-                                                    "shape": list(entry.shape),
-                                                    "data_offsets": [offset, offset + entry.nbytes]}
-        offset += entry.nbytes
+        dtype, shape = ("float32", logical_shape(entry.shape, PACKED)) if entry.dtype == PACKED else \
+            (entry.dtype, entry.shape)
+        nbytes = prod(shape) * DTYPES[dtype].itemsize
+        header[mindspore_to_hf_name(entry.name)] = {"dtype": DTYPES[dtype].safetensors, "shape": list(shape),
+                                                    "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     header["__metadata__"] = {"format": "pt"}       # transformers refuses files without it
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)                 # data starts 8-byte aligned
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for entry in entries:
-            entry.copy_to(f)
+            if entry.dtype == PACKED:
+                packed = np.frombuffer(entry.read(), np.uint8).reshape(entry.shape)
+                f.write(dequantize_q8_0(packed, where=f"{entry.path}: tensor {entry.name!r}").astype("<f4").data)
+            else:
+                entry.copy_to(f)
             bar.update(entry.nbytes)
 
 

@@ -22,6 +22,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 from mindformers.pet import LoraConfig
 
@@ -31,6 +32,7 @@ from knowlm.checkpoints.hf import HFShard, HFTensor, checked_cast, import_torch,
 from knowlm.checkpoints.model_dir import checkpoint_files, load_config
 from knowlm.checkpoints.names import (LORA_A, LORA_B, PROJECTION_WEIGHT, expected_shapes, hf_to_mindspore_name,
                                       listing, lora_name)
+from knowlm.checkpoints.quant import INT8, PACKED, dequantize_q8_0, logical_shape, storage_of
 from knowlm.errors import KnowLMError, first_line
 from knowlm.tokenizer.load import tokenizer_files
 from knowlm.files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_NAME, WEIGHTS_GLOB,
@@ -107,7 +109,11 @@ def _lora_config_defaults():
 
 
 def _as_tensor(entry):
+    """``entry``'s values as a torch tensor: its own dtype, or float32 dequantized for a Q8_0 (uint8) tensor."""
     torch = import_torch()
+    if entry.dtype == PACKED:
+        packed = np.frombuffer(entry.read(), np.uint8).reshape(entry.shape)
+        return torch.from_numpy(dequantize_q8_0(packed, where=f"{entry.path}: tensor {entry.name!r}"))
     return torch.frombuffer(bytearray(entry.read()), dtype=getattr(torch, entry.dtype)).reshape(entry.shape)
 
 
@@ -120,14 +126,17 @@ def merge_lora(base_dir, lora, output_dir, lora_config=None, force=False, echo=N
     ignored) or an adapter directory. ``lora_config``: the run's yaml or ``adapter_config.json``; by default the
     ``adapter_config.json`` beside ``lora``. Every weight is W + (alpha / rank) * B @ A, computed in float64 and
     rounded once to the base's dtype; a merged weight that overflows that dtype, or holds inf or nan (a diverged
-    run), is refused. The checksums of the base and LoRA files are checked before anything is written, and the
-    result is published only when complete: a failure leaves ``output_dir`` as it was, or absent.
+    run), is refused. An int8 (Q8_0) base is merged from its dequantized values and written as float32, every 2-D
+    weight dequantized, with ``param_init_type`` float32 in its config.json. The checksums of the base and LoRA
+    files are checked before anything is written, and the result is published only when complete: a failure leaves
+    ``output_dir`` as it was, or absent.
     """
     start = time.time()
     base_dir, lora, output_dir = Path(base_dir), Path(lora), Path(output_dir)
     expected = expected_shapes(load_config(base_dir))
     files = checkpoint_files(base_dir)
     shards = stream.validate(files, expected, base_dir)
+    int8 = storage_of(shards) == INT8
     settings = Path(lora_config) if lora_config else (lora if lora.is_dir() else lora.parent) / ADAPTER_CONFIG
     if not settings.is_file():
         raise KnowLMError(f"{settings}: not found; pass lora_config (--lora-config): the run's yaml or "
@@ -147,8 +156,21 @@ def merge_lora(base_dir, lora, output_dir, lora_config=None, force=False, echo=N
                 _write_merged(tmp, entries, pairs, alpha / rank, bar, lora)
         written = stream.validate(tmps[:len(files)], expected, output_dir, checksum=False)
         for name, tmp in zip([*copied, CONFIG_NAME], tmps[len(files):]):
-            atomic_copy(base_dir / name, tmp)
-    return make_summary("merged", output_dir, written, written[0].dtype, start)
+            if int8 and name in (CONFIG_NAME, WEIGHTS_INDEX_NAME):     # float32 now: config and byte count
+                _write_float32(base_dir / name, tmp, written)
+            else:
+                atomic_copy(base_dir / name, tmp)
+    return make_summary("merged", output_dir, written,
+                        "float32 dequantized from int8" if int8 else written[0].dtype, start)
+
+
+def _write_float32(source, tmp, written):
+    values = read_json(source)
+    if source.name == CONFIG_NAME:
+        values.update(param_init_type="float32", embedding_init_type="float32", compute_dtype="float32")
+    else:
+        values.setdefault("metadata", {})["total_size"] = sum(e.nbytes for e in written)
+    write_json(tmp, values)
 
 
 def adapter_files(lora: Path) -> list:
@@ -195,16 +217,17 @@ def _write_merged(tmp, entries, pairs, scale, bar, lora):
     torch = import_torch()
     with stream.writer(tmp) as f:
         for entry in entries:
+            dtype = "float32" if entry.dtype == PACKED else entry.dtype       # Q8_0 bases come out float32
             if entry.name in pairs:
                 a, b = pairs[entry.name]
                 merged = _as_tensor(entry).double() + scale * (b.double() @ a.double())
-                merged = checked_cast(merged, entry.dtype, f"{lora}: {entry.name!r} with the LoRA merged in",
-                                      check_finite=True, hint="merge into an fp32 base" if entry.dtype != "float32"
+                merged = checked_cast(merged, dtype, f"{lora}: {entry.name!r} with the LoRA merged in",
+                                      check_finite=True, hint="merge into an fp32 base" if dtype != "float32"
                                       else "check the LoRA run")
-                data = merged.contiguous().reshape(-1).view(torch.uint8).numpy()
             else:
-                data = entry.read()
-            stream.write_tensor(f, entry.name, entry.shape, entry.dtype, data)
+                merged = _as_tensor(entry) if entry.dtype == PACKED else None
+            data = entry.read() if merged is None else merged.contiguous().reshape(-1).view(torch.uint8).numpy()
+            stream.write_tensor(f, entry.name, logical_shape(entry.shape, entry.dtype), dtype, data)
             bar.update(entry.nbytes)
 
 

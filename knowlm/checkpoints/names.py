@@ -7,6 +7,7 @@ only: no q/k permutation, no transposes.
 """
 import re
 
+from knowlm.checkpoints.quant import PACKED, Q8_0_BLOCK, Q8_0_BYTES, stored_dtype, stored_shape
 from knowlm.errors import KnowLMError
 
 # (Hugging Face name, MindFormers name, shape in config terms); "{}" is the layer index. A layer's rows are in the
@@ -116,7 +117,8 @@ def check_tensors(entries, expected: dict, source, dtype=None, show=lambda name:
     """Every expected tensor present once with its shape (and ``dtype``); else one line naming what is not.
 
     ``entries`` have ``name`` (MindFormers), ``shape``, ``dtype`` and ``path``; ``show`` turns a MindFormers
-    name into the one the user's files use.
+    name into the one the user's files use. A uint8 entry is a Q8_0 weight (``knowlm.checkpoints.quant``): its shape
+    must be the packed form of the expected one. ``dtype`` ``int8``: 2-D weights uint8 (Q8_0), 1-D ones float32.
     """
     seen = {}
     for entry in entries:
@@ -131,8 +133,23 @@ def check_tensors(entries, expected: dict, source, dtype=None, show=lambda name:
     if missing:
         raise KnowLMError(f"{source}: missing tensor(s) {listing(map(show, missing))}")
     for name, entry in seen.items():
-        if tuple(entry.shape) != expected[name]:
+        if entry.dtype == PACKED:
+            check_packed(entry.path, show(name), entry.shape, expected[name])
+        elif tuple(entry.shape) != expected[name]:
             raise KnowLMError(f"{entry.path}: tensor {show(name)!r} has shape {tuple(entry.shape)}, expected "
                               f"{expected[name]} from the config")
-        if dtype and entry.dtype != dtype:
-            raise KnowLMError(f"{entry.path}: tensor {show(name)!r} is {entry.dtype}, expected {dtype}")
+        if dtype and entry.dtype != stored_dtype(expected[name], dtype):
+            raise KnowLMError(f"{entry.path}: tensor {show(name)!r} is {entry.dtype}, expected "
+                              f"{stored_dtype(expected[name], dtype)}")
+
+
+def check_packed(path, name, shape, logical):
+    """A uint8 tensor ``name`` of ``shape`` is Q8_0 of a weight of shape ``logical``; else one line."""
+    logical = tuple(logical)
+    if len(logical) != 2 or logical[1] % Q8_0_BLOCK:
+        raise KnowLMError(f"{path}: tensor {name!r} is uint8, but its config shape {logical} is not one that int8 "
+                          f"(Q8_0) stores (2-D, rows a multiple of {Q8_0_BLOCK} values)")
+    want = stored_shape(logical, PACKED)
+    if tuple(shape) != want:
+        raise KnowLMError(f"{path}: tensor {name!r} is uint8 of shape {tuple(shape)}, expected {want}: Q8_0 of the "
+                          f"config's {logical} ({want[1] // Q8_0_BYTES} blocks of {Q8_0_BYTES} bytes a row)")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from math import prod
 
 from knowlm.checkpoints.names import check_tensors
+from knowlm.checkpoints.quant import PACKED
 from knowlm.errors import KnowLMError
 
 
@@ -48,7 +49,9 @@ DTYPES = {
     "bfloat16": DType("BFloat16", "BF16", 2, "bf16", 3.3895313892515355e38),
 }
 DTYPE_ALIASES = {**{dtype.short: name for name, dtype in DTYPES.items()}, **{name: name for name in DTYPES}}
-_BY_CKPT_TYPE = {dtype.ckpt: name for name, dtype in DTYPES.items()}
+# The tensor types ``write_tensor`` writes: the float types, and uint8 for Q8_0 weights (``quant``).
+CKPT_TYPES = {**{name: dtype.ckpt for name, dtype in DTYPES.items()}, PACKED: "UInt8"}
+_BY_CKPT_TYPE = {ckpt: name for name, ckpt in CKPT_TYPES.items()}
 # Other types that training checkpoints hold (step counters, flags): scanned, never converted.
 _OTHER_TYPES = {"Float64": 8, "Int8": 1, "UInt8": 1, "Int16": 2, "UInt16": 2, "Int32": 4, "UInt32": 4, "Int64": 8,
                 "UInt64": 8, "Bool": 1, "str": None}
@@ -60,6 +63,7 @@ CRC_MARKER = b"crc_num"     # save_checkpoint(crc_check=True) appends b"crc_num"
 TRAILER_BYTES = len(CRC_MARKER) + 10
 _CRC_BLOCK = 16 * 1024 * 1024
 _TAG, _TENSOR, _DIMS, _TYPE, _CONTENT = b"\x0a", b"\x12", b"\x08", b"\x12", b"\x1a"
+_MAP_TENSOR = b"\x1a"      # Value.maptensor: MindSpore's MapParameter (embedding tables of recommendation models)
 
 
 @dataclass
@@ -78,6 +82,25 @@ class Entry:
     def read(self) -> bytes:
         with open(self.path, "rb") as f:
             return b"".join(_read_at(f, offset, size) for offset, size in self.segments)
+
+    def readinto(self, buffer):
+        """Read the tensor's bytes straight into writable ``buffer`` of ``nbytes`` bytes (a numpy array's, say): no
+        copy in between, so loading a tensor costs that tensor once."""
+        view = memoryview(buffer).cast("B")
+        if len(view) != self.nbytes:
+            raise ValueError(f"tensor {self.name!r}: a buffer of {len(view)} bytes for {self.nbytes}")
+        at = 0
+        with open(self.path, "rb", buffering=0) as f:
+            for offset, size in self.segments:
+                f.seek(offset)
+                end = at + size
+                while at < end:
+                    got = f.readinto(view[at:end])
+                    if not got:
+                        raise KnowLMError(f"{self.path}: ends inside tensor {self.name!r}; the file changed after it "
+                                          "was checked, or is cut short")
+                    at += got
+        return buffer
 
     def copy_to(self, out, block=64 * 1024 * 1024):
         with open(self.path, "rb") as f:
@@ -104,7 +127,7 @@ def write_tensor(f, name: str, shape, dtype: str, data):
     """Append tensor ``name`` (raw little-endian bytes ``data``, any buffer) to the open ``.ckpt`` file ``f``."""
     data = memoryview(data).cast("B")
     tag = name.encode("utf-8")
-    type_name = DTYPES[dtype].ckpt.encode()
+    type_name = CKPT_TYPES[dtype].encode()
     dims = b"".join(_DIMS + _varint(d) for d in shape)
     for start in range(0, max(len(data), 1), SLICE_BYTES):
         chunk = data[start:start + SLICE_BYTES]
@@ -157,21 +180,27 @@ def verify(path) -> list:
     stored = stored_crc(path)
     if stored is not None:
         crc = 0
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             left = f.seek(0, os.SEEK_END) - TRAILER_BYTES
             f.seek(0)
+            block = memoryview(bytearray(max(0, min(_CRC_BLOCK, left))))    # one buffer, read into again and again
             while left > 0:
-                block = f.read(min(_CRC_BLOCK, left))
-                if not block:
+                got = f.readinto(block[:min(len(block), left)])
+                if not got:
                     break
-                crc = zlib.crc32(block, crc)
-                left -= len(block)
+                crc = zlib.crc32(block[:got], crc)
+                left -= got
         if crc != stored:
             raise KnowLMError(f"{path}: checksum mismatch: the file is damaged (CRC-32 {crc:08x}, its trailer "
                               f"records {stored:08x}); copy or convert it again")
     elif os.path.getsize(path) == 0:
         raise KnowLMError(f"{path}: empty file; expected a MindSpore checkpoint")
     return scan(path)
+
+
+class UnsupportedRecord(KnowLMError):
+    """A record of a kind ``scan`` does not parse (a map tensor, a tensor type it does not know) in a file that is
+    otherwise well formed: ``mindspore.load_checkpoint`` may still read it."""
 
 
 class _Reader:
@@ -196,6 +225,10 @@ class _Reader:
         if self.f.tell() + size > end:
             raise self.corrupt(f"a field of {size} bytes runs past the end of the file at byte {self.f.tell()}")
         return size
+
+    def unsupported(self, problem):
+        return UnsupportedRecord(f"{self.path}: a MindSpore checkpoint with {problem}, which knowlm's reader does not "
+                                 "parse")
 
     def corrupt(self, problem):
         return KnowLMError(f"{self.path}: truncated or corrupt MindSpore checkpoint ({problem}); copy or convert "
@@ -224,7 +257,7 @@ def scan(path) -> list:
             else:
                 entries.append(Entry(name, shape, dtype, path, [segment]))
     for entry in entries:
-        itemsize = DTYPES[entry.dtype].itemsize if entry.dtype in DTYPES else _ITEMSIZE[entry.dtype]
+        itemsize = _ITEMSIZE[CKPT_TYPES.get(entry.dtype, entry.dtype)]
         if itemsize and entry.nbytes != prod(entry.shape) * itemsize:
             raise KnowLMError(f"{path}: tensor {entry.name!r} of shape {entry.shape} ({entry.dtype}) holds "
                               f"{entry.nbytes} bytes; the file is corrupt")
@@ -241,8 +274,10 @@ def _scan_value(reader, end):
         elif key == _TENSOR:
             length = reader.length(end)
             shape, dtype, segment = _scan_tensor(reader, f.tell() + length)
+        elif key == _MAP_TENSOR:
+            raise reader.unsupported(f"a map tensor at byte {f.tell() - 1}")
         else:
-            raise reader.corrupt(f"unsupported field {key!r} at byte {f.tell() - 1} (map tensors are not supported)")
+            raise reader.corrupt(f"unsupported field {key!r} at byte {f.tell() - 1}")
     if name is None or segment is None:
         raise reader.corrupt(f"record ending at byte {end} has no name or no tensor")
     return name, shape, dtype, segment
@@ -269,16 +304,17 @@ def _scan_tensor(reader, end):
         else:
             raise reader.corrupt(f"unexpected tensor field {key!r} at byte {f.tell() - 1}")
     if type_name not in _ITEMSIZE:
-        raise reader.corrupt(f"unknown tensor type {type_name!r} at byte {end}")
+        raise reader.unsupported(f"tensor type {type_name!r} at byte {end}")
     if segment is None:
         raise reader.corrupt(f"tensor record ending at byte {end} has no data")
     return tuple(dims), _BY_CKPT_TYPE.get(type_name, type_name), segment
 
 
 def validate(files, expected, source, dtype=None, checksum=True) -> list:
-    """Check checkpoint ``files`` against ``expected`` (name -> shape); their entries. ``checksum``: ``verify`` each
-    file (its CRC-32, a read of the whole file) before its headers are read; off for files this process has just
-    written through ``writer``, whose trailer holds the CRC-32 of the very bytes written."""
+    """Check checkpoint ``files`` against ``expected`` (name -> logical shape: a uint8 tensor must be its Q8_0 form,
+    ``names.check_tensors``) and ``dtype`` (``int8``: Q8_0 2-D weights, float32 norms); their entries. ``checksum``:
+    ``verify`` each file (its CRC-32, a read of the whole file) before its headers are read; off for files this
+    process has just written through ``writer``, whose trailer holds the CRC-32 of the very bytes written."""
     entries = [entry for path in files for entry in (verify(path) if checksum else scan(path))]
     check_tensors(entries, expected, source, dtype)
     return entries

@@ -9,13 +9,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from knowlm.checkpoints.quant import INT8, logical_shape
 from knowlm.checkpoints.stream import DTYPE_ALIASES
 from knowlm.errors import KnowLMError
 
 
-def resolve_dtype(dtype) -> str:
+def resolve_dtype(dtype, int8=False) -> str:
+    """``--dtype``'s full name (fp32 -> float32); ``int8`` (Q8_0 storage) where the writer takes it."""
+    if dtype == INT8 and int8:
+        return INT8
     if dtype not in DTYPE_ALIASES:
-        raise KnowLMError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16")
+        raise KnowLMError(f"dtype {dtype!r}: expected one of fp32, fp16, bf16{', int8' if int8 else ''}")
     return DTYPE_ALIASES[dtype]
 
 
@@ -43,7 +47,9 @@ def _size(nbytes):
 
 
 def make_summary(action, output, entries, dtype, start):
-    return Summary(action, Path(output), len(entries), sum(prod(e.shape) for e in entries),
+    """``dtype``: what the line says (``int8``, ``float32 dequantized from int8``); parameters are counted in the
+    weights' logical shapes (a Q8_0 tensor's bytes are not its parameters)."""
+    return Summary(action, Path(output), len(entries), sum(prod(logical_shape(e.shape, e.dtype)) for e in entries),
                    sum(e.nbytes for e in entries), dtype, time.time() - start)
 
 

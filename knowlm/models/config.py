@@ -7,6 +7,7 @@ bos 1 / eos 2 / pad 0. MindFormers' ``LlamaConfig`` defaults differ (eps 1e-5, w
 """
 import copy
 
+import mindspore.common.dtype as mstype
 from mindformers.models.llama.llama_config import LlamaConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
@@ -55,6 +56,13 @@ class KnowLMConfig(LlamaConfig):
             kwargs.setdefault(key, value)
         super().__init__(**kwargs)
         self.pipeline_name = pipeline_name
+
+    def to_dict(self):
+        values = super().to_dict()
+        for key, value in values.items():       # MindFormers writes float dtypes by name; int8 (Q8_0 storage) too
+            if isinstance(value, mstype.Int):
+                values[key] = str(value).lower()
+        return values
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "KnowLMConfig":

@@ -258,6 +258,42 @@ def test_lower_precision_output_is_a_plain_cast_of_the_dequantized_values(tiny, 
     assert knowlm_config(out)["param_init_type"] == str(torch_dtype).removeprefix("torch.")
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "F16"])
+def test_int8_copies_q8_0_tensors_byte_for_byte_and_quantizes_other_types(tiny, tmp_path, monkeypatch, qtype):
+    """A Q8_0 tensor is copied with no dequantize/requantize (q/k: its packed rows put back in order, found by index),
+    so the conversion is lossless; an F16 one is dequantized and quantized as llama.cpp quantizes."""
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    raw = write_gguf(path, tiny, qtype)
+    floats = expected_tensors(raw, tiny)
+    calls, real = [], (gguf.quants.quantize, gguf.quants.dequantize)
+    monkeypatch.setattr(gguf.quants, "quantize", lambda data, kind: calls.append(kind.name) or real[0](data, kind))
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda data, kind: calls.append(kind.name) or real[1](data, kind))
+    summary = convert_gguf(path, tmp_path / "int8", dtype="int8")
+    assert set(calls) == ({"F32"} if qtype == "Q8_0" else {"F32", "F16", "Q8_0"})   # Q8_0: never re-quantized
+    assert ", int8) to " in str(summary) and knowlm_config(summary.output)["param_init_type"] == "int8"
+    cfg, hf_names = tiny.config, {gguf_name(name): name for name in tiny.state_dict()}
+    stored = {e.name: e for e in stream.verify(summary.output / WEIGHTS_NAME)}
+    for name, (kind, data) in raw.items():
+        entry = stored[hf_to_mindspore_name(hf_names[name])]
+        if kind == "F32":                                                # the norms
+            assert (entry.dtype, entry.read()) == ("float32", data.tobytes()), name
+            continue
+        expected = data if kind == "Q8_0" else real[0](floats[entry.name], Q.Q8_0)
+        if kind == "Q8_0" and (".attn_q." in name or ".attn_k." in name):
+            expected = unpermute_by_index(data, cfg.num_attention_heads if ".attn_q." in name
+                                          else cfg.num_key_value_heads)
+        assert (entry.dtype, entry.shape) == ("uint8", expected.shape) and entry.read() == expected.tobytes(), name
+
+
+def test_int8_of_a_file_whose_rows_are_not_whole_blocks_is_refused_naming_the_gguf_tensor(tmp_path):
+    path = tmp_path / "ffn176.gguf"
+    write_gguf(path, hf_llama(), "F32")                                  # SwiGLU width 176
+    one_line_error(lambda: convert_gguf(path, tmp_path / "out", dtype="int8"),
+                   rf"^{path}: --dtype int8 is not possible for this model: tensor 'blk.0.ffn_down.weight' of shape "
+                   r"\(64, 176\) has rows of 176 values, not a multiple of 32")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sentencepiece_tokenizer_gives_transformers_ids_with_the_files_special_tokens(tiny_gguf, tmp_path):
     path, _ = tiny_gguf
     out = convert_gguf(path, tmp_path / "out").output
