@@ -1,12 +1,14 @@
-"""The greedy KV-cache loop ``KnowLMForCausalLM.generate`` runs off Ascend instead of MindFormers' own.
+"""The KV-cache loops ``KnowLMForCausalLM`` runs off Ascend instead of MindFormers' own.
 
-MindFormers' loop spends Python time per generated token around the model (asynchronous graph dispatch, logits
-reshaped by an eager op, the ids copied back from the device each step, per-step profiling and logging), a sizeable
-part of a small model's decode step. ``greedy_search`` makes the same prefill call of the same compiled graph with
-the same inputs, then, where knowlm's kernels compute every layer, decodes up to ``DecodeSteps.STEPS`` tokens per
-call of one kernel (``knowlm.models.kernels.DecodeSteps``: the decode-step graph's functions, argmax included), else
-one decode-step graph call per token, as MindFormers does. Its tokens are MindFormers' (tested). Every other kind of
-call (sampling, logits processors, dict outputs, model keyword arguments) goes to MindFormers.
+With knowlm's CPU kernels, every model call is one kernel over the whole model (``knowlm.models.kernels``): a
+prompt runs ``Forward.CHUNK`` tokens per call into the KV cache (``prefill``: time and memory follow the prompt,
+not seq_length, and no graph of MindFormers' is compiled), a decode step is one ``Forward`` call (``step``), and
+greedy decoding runs up to ``DecodeSteps.STEPS`` steps per call, argmax included. ``KnowLMForCausalLM.forward``
+routes MindFormers' own ``generate`` loop (sampling, logits processors) through ``prefill`` and ``step`` too.
+Without the kernels, ``greedy_search`` makes the same prefill and decode-step graph calls as MindFormers, with less
+Python per token (MindFormers' loop spends time per token on asynchronous dispatch, an eager reshape of the logits,
+copies and per-step logging). Its tokens are MindFormers' (tested). Every other kind of call (sampling, logits
+processors, dict outputs, model keyword arguments) goes to MindFormers' ``generate``.
 """
 import copy
 import time
@@ -47,6 +49,37 @@ def _step_inputs(ids, valid, block_tables, slot_mapping):
     return dict(input_ids=Tensor.from_numpy(np.ascontiguousarray(ids, np.int32)),
                 batch_valid_length=Tensor.from_numpy(np.array([valid], np.int32)),
                 block_tables=Tensor.from_numpy(block_tables), slot_mapping=Tensor.from_numpy(slot_mapping))
+
+
+def _ints(array):
+    return Tensor.from_numpy(np.ascontiguousarray(array, np.int32))
+
+
+def prefill(forward, ids, valid, block_tables):
+    """Logits (batch, vocab) of each row's last prompt token after running its first ``valid[row]`` tokens of
+    ``ids`` (batch, width) through the ``Forward`` kernel into the KV cache, ``Forward.CHUNK`` tokens per call."""
+    batch, chunk = ids.shape[0], forward.CHUNK
+    logits = None
+    for start in range(0, int(np.max(valid)), chunk):
+        counts = np.clip(valid - start, 0, chunk)
+        tokens = np.zeros((batch, chunk), np.int32)
+        for row, count in enumerate(counts):
+            tokens[row, :count] = ids[row, start:start + count]
+        out = forward(_ints(tokens), _ints(np.full(batch, start)), _ints(counts), _ints(block_tables)).asnumpy()
+        logits = out if logits is None else np.where((counts > 0)[:, None], out, logits)
+    return logits
+
+
+def step(forward, tokens, valid, block_tables):
+    """Logits (batch, vocab) after one decode step of the ``Forward`` kernel: ``tokens`` (batch,) at positions
+    ``valid - 1``. A row whose block table does not cover its position (a finished row of MindFormers' loop) is
+    left alone (zero logits)."""
+    block_size = forward.block_size
+    positions = np.asarray(valid) - 1
+    covered = np.array([0 <= p // block_size < len(table) and table[p // block_size] >= 0
+                        for p, table in zip(positions, block_tables)], np.int32)
+    return forward(_ints(np.reshape(tokens, (-1, 1))), _ints(positions), _ints(covered),
+                   _ints(block_tables)).asnumpy()
 
 
 def _logits(output, rows, starts):
@@ -95,14 +128,18 @@ def _decode(model, ids, valid, limits, max_length, eos, streamer):
     batch, seq_length = ids.shape
     finished = [False] * batch
     ends = np.minimum(limits, max_length)
-    model.phase = "prefill"
-    model.add_flags_custom(is_first_iteration=True)
-    block_tables, slot_mapping = model.block_mgr.assemble_pa_full_inputs(seq_length, valid, finished)
-    output = model(**_step_inputs(ids, valid, block_tables, slot_mapping))
-    model.phase = "increment"
-    model.add_flags_custom(is_first_iteration=False)
+    forward = model.__dict__.get("forward_kernel")
     rows = np.arange(batch)
-    columns = [_logits(output, batch, valid - 1 + rows * seq_length).argmax(-1).tolist()]
+    block_tables, slot_mapping = model.block_mgr.assemble_pa_full_inputs(seq_length, valid, finished)
+    if forward is not None:
+        columns = [prefill(forward, ids, valid, block_tables).argmax(-1).tolist()]
+    else:
+        model.phase = "prefill"
+        model.add_flags_custom(is_first_iteration=True)
+        output = model(**_step_inputs(ids, valid, block_tables, slot_mapping))
+        model.phase = "increment"
+        model.add_flags_custom(is_first_iteration=False)
+        columns = [_logits(output, batch, valid - 1 + rows * seq_length).argmax(-1).tolist()]
     # A batch's finished rows get no tokens from the steps kernel, where MindFormers' loop streams what their decode
     # step computed; more rows than GEMV_MAX_ROWS take MatMul, not the kernel's product, in the decode-step graph.
     steps = model.__dict__.get("decode_steps") if (streamer is None or batch == 1) and batch <= GEMV_MAX_ROWS \
@@ -116,8 +153,12 @@ def _decode(model, ids, valid, limits, max_length, eos, streamer):
         last = ids[rows, valid - 1]
         if steps is None:
             block_tables, slot_mapping = model.block_mgr.assemble_pa_inc_inputs(valid, finished)
-            output = model(**_step_inputs(last.reshape(batch, 1), valid, block_tables, slot_mapping))
-            columns = [_logits(output, batch, None).argmax(-1).tolist()]
+            if forward is not None:
+                logits = step(forward, last, valid, block_tables)
+            else:
+                logits = _logits(model(**_step_inputs(last.reshape(batch, 1), valid, block_tables, slot_mapping)),
+                                 batch, None)
+            columns = [logits.argmax(-1).tolist()]
             continue
         counts = np.array([0 if done else min(chunk, end - length) for done, end, length in zip(finished, ends, valid)],
                           np.int32)

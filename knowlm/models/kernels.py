@@ -1,15 +1,19 @@
-"""knowlm's own CPU kernels for decoding (``csrc/decode.cpp``), built on first use as MindSpore AOT custom ops:
-a matrix-vector product (the lm_head), the final RMSNorm, a whole decoder layer for one new token per sequence and
-many greedy decode steps of a whole model; and, for training, the attention's RoPE and its gradient.
+"""knowlm's own CPU kernels (``csrc/decode.cpp``), built on first use as MindSpore AOT custom ops: the whole model for
+any number of new tokens (``Forward``: a prompt, by chunks, into the KV cache, or a decode step), many greedy decode
+steps of a whole model (``DecodeSteps``), a decoder layer for one new token per sequence, a matrix-vector product
+(the lm_head), the final RMSNorm; and, for training, the attention's RoPE and its gradient.
 
-Decoding multiplies one new token per sequence by every weight, so its speed is the memory bandwidth at which the
-weights stream. MindSpore's CPU ``MatMul`` streams such products at about half of what a plain sum reads; these
-kernels stream them close to it, each layer is one op instead of ~50, and ``DecodeSteps`` runs many greedy steps per
-call (the README's benchmark section has the figures).
+A prompt's cost follows its tokens: the kernels compute only the tokens given and attend only to the positions in the
+cache, with no intermediate that outlives its layer, where MindFormers' graphs compute seq_length positions and keep
+every intermediate. Decoding multiplies one new token per sequence by every weight, so its speed is the memory
+bandwidth at which the weights stream: the kernels stream them close to it, each layer is one op instead of ~50, and
+``DecodeSteps`` runs many greedy steps per call (the README's benchmark section has the figures). The 2-D weights may
+be float32, bfloat16 or llama.cpp's Q8_0 blocks (uint8 rows; ``knowlm.checkpoints.quant``): each is read as stored
+and computed on in float32.
 
 The library is compiled with the system's C++ compiler (``$CXX``, else ``c++``) into knowlm's cache folder, once
 per source and machine; its threads: ``kernel_threads()``. Without a compiler, or with ``KNOWLM_CPU_KERNELS=0``, the
-models keep MindSpore's ops: same tokens and training steps, slower.
+models keep MindSpore's ops: same tokens and training steps, slower, with prompts at seq_length and float32 weights.
 """
 import ctypes
 import functools
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import mindspore.common.dtype as mstype
-from mindspore import Tensor, nn, ops
+from mindspore import ParameterTuple, Tensor, nn, ops
 from mindformers.models.llama.llama_layer import LlamaRMSNorm, LlamaSiLU
 from mindformers.models.llama.llama_transformer import LLamaDecodeLayer
 from mindformers.modules.layers import RotaryEmbedding
@@ -244,39 +248,81 @@ def _cell(layer, path):
     return layer
 
 
-class DecodeSteps(nn.Cell):
-    """Up to ``STEPS`` greedy decode steps of a network as one ``KnowLMDecodeSteps`` op (a graph of its own, over the
-    network's parameters and KV cache): each step computes what a call of the network's decode-step graph does, with
-    the same kernel functions, and takes the argmax. Saves MindSpore's graph entry and exit and the Python loop
-    around each token. Made by ``decode_steps``."""
+# Weight dtypes the model kernels read (2-D weights: float32, bfloat16, or uint8 rows of llama.cpp's Q8_0 blocks).
+KERNEL_WEIGHT_DTYPES = (mstype.float32, mstype.bfloat16, mstype.uint8)
+
+
+class _ModelKernel(nn.Cell):
+    """A kernel over a whole network: its own graph, over the network's parameters and KV cache (the kernels'
+    ``Model`` inputs: embedding, RoPE tables, final norm, lm_head, meta, then every layer's weights and cache).
+
+    The parameters are gathered once, here, into one ``ParameterTuple``: a graph that gathered them in ``construct``
+    (a loop over the layers) compiled for ~10 s, this one in well under a second. They are the network's own
+    Parameter objects, so weights loaded into the network later are what the kernel reads."""
+
+    def __init__(self, network, library, kernel, out_shape, out_dtype):
+        super().__init__(auto_prefix=False)      # the network's parameters keep their names
+        model = network.model
+        self.cos, self.sin = model.freqs_mgr.freqs_cos, model.freqs_mgr.freqs_sin
+        self.meta = Tensor(np.array([*model.layers[0].decode_meta.asnumpy(), model.norm_out.eps], np.float32))
+        self.block_size = int(self.meta.asnumpy()[2])
+        self.head = ParameterTuple((model.tok_embeddings.embedding_weight,))
+        self.tail = ParameterTuple((model.norm_out.weight, network.lm_head.weight))
+        self.layer_inputs = ParameterTuple([parameter for layer in model.layers for parameter in layer.kernel_inputs()])
+        self.kernel = ops.Custom(f"{library}:{kernel}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
+
+    def model_inputs(self):
+        return self.head + (self.cos, self.sin) + self.tail + (self.meta,) + self.layer_inputs
+
+
+class Forward(_ModelKernel):
+    """The whole model for up to ``tokens.shape[1]`` new tokens of each sequence as one ``KnowLMForward`` op: their
+    keys and values go into the cache, the logits of each sequence's last new token come out (batch, vocab). A
+    prompt is run ``CHUNK`` tokens per call (``knowlm.models.decoding.prefill``), so time and memory follow the
+    prompt, not seq_length; a decode step is one call with one token per sequence. Made by ``forward_kernel``."""
+
+    CHUNK = 256
+
+    def __init__(self, network, library):
+        vocab = network.lm_head.weight.shape[0]
+        super().__init__(network, library, "KnowLMForward", lambda tokens, *_: [tokens[0], vocab],
+                         lambda *_: mstype.float32)
+
+    def construct(self, tokens, starts, counts, block_tables):
+        return self.kernel(tokens, starts, counts, block_tables, *self.model_inputs())
+
+
+class DecodeSteps(_ModelKernel):
+    """Up to ``STEPS`` greedy decode steps of a network as one ``KnowLMDecodeSteps`` op: each step computes what a
+    ``Forward`` call with one token per sequence does, with the same kernel functions, and takes the argmax. Saves
+    MindSpore's graph entry and exit and the Python loop around each token. Made by ``decode_steps``."""
 
     STEPS = 32
 
     def __init__(self, network, library):
-        super().__init__(auto_prefix=False)      # the network's parameters keep their names
-        model = network.model
-        self.embedding, self.layers, self.norm, self.lm_head = model.tok_embeddings, model.layers, model.norm_out, \
-            network.lm_head
-        self.cos, self.sin = model.freqs_mgr.freqs_cos, model.freqs_mgr.freqs_sin
-        self.meta = Tensor(np.array([*model.layers[0].decode_meta.asnumpy(), self.norm.eps], np.float32))
-        self.kernel = ops.Custom(f"{library}:KnowLMDecodeSteps", out_shape=lambda tokens, *_: [tokens[0], self.STEPS],
-                                 out_dtype=lambda tokens, *_: tokens, func_type="aot")
+        super().__init__(network, library, "KnowLMDecodeSteps", lambda tokens, *_: [tokens[0], self.STEPS],
+                         lambda tokens, *_: tokens)
 
     def construct(self, tokens, valid, steps, block_tables, eos):
-        weights = ()
-        for layer in self.layers:
-            weights += layer.kernel_inputs()
-        return self.kernel(tokens, valid, steps, block_tables, eos, self.embedding.embedding_weight, self.cos,
-                           self.sin, self.norm.weight, self.lm_head.weight, self.meta, *weights)
+        return self.kernel(tokens, valid, steps, block_tables, eos, *self.model_inputs())
+
+
+def _whole_model_kernels(network) -> bool:
+    # Every layer a FusedDecodeLayer, the final norm a KernelRMSNorm, an lm_head without bias or activation, weights
+    # in a dtype the kernels read.
+    model, head = network.model, network.lm_head
+    return all(type(layer) is FusedDecodeLayer for layer in model.layers) and type(model.norm_out) is KernelRMSNorm \
+        and not head.has_bias and not head.activation_flag and head.transpose_b \
+        and head.weight.dtype in KERNEL_WEIGHT_DTYPES \
+        and model.tok_embeddings.embedding_weight.dtype in KERNEL_WEIGHT_DTYPES \
+        and model.freqs_mgr.freqs_cos.dtype == mstype.float32
+
+
+def forward_kernel(network, library):
+    """A ``Forward`` for ``network`` (see ``_whole_model_kernels``), else None."""
+    return Forward(network, library) if library is not None and _whole_model_kernels(network) else None
 
 
 def decode_steps(network, library):
-    """A ``DecodeSteps`` for ``network`` (every layer a ``FusedDecodeLayer``, the final norm a ``KernelRMSNorm``, a
-    float32 lm_head without bias or activation), else None."""
-    model, head = network.model, network.lm_head
-    if not all(type(layer) is FusedDecodeLayer for layer in model.layers) or type(model.norm_out) is not KernelRMSNorm \
-            or head.has_bias or head.activation_flag or not head.transpose_b or head.weight.dtype != mstype.float32 \
-            or model.tok_embeddings.embedding_weight.dtype != mstype.float32 \
-            or model.freqs_mgr.freqs_cos.dtype != mstype.float32:
-        return None
-    return DecodeSteps(network, library)
+    """A ``DecodeSteps`` for ``network`` (see ``_whole_model_kernels``), else None."""
+    return DecodeSteps(network, library) if library is not None and _whole_model_kernels(network) else None

@@ -17,26 +17,30 @@ own instance only, the pieces of MindFormers' LLaMA that have Ascend-only kernel
    compiles;
 5. training: ``CrossEntropy`` instead of MindFormers' one-hot cross-entropy (built for sharding over devices);
    RMSNorm and the attention softmax with gradients whose sums over the hidden/key axis are matmuls;
-6. knowlm's kernels on CPU (``knowlm.models.kernels``): a decode step (one new token per sequence) runs each
-   decoder layer as one op instead of ~50, the final norm and the lm_head at close to the memory bandwidth, and
-   greedy decoding runs many such steps, argmax included, in one op; without a KV cache (training), the
-   attention's RoPE is one op forward and one backward.
+6. knowlm's kernels on CPU (``knowlm.models.kernels``): with a KV cache, the whole model is one op for the tokens
+   given (``Forward``): a prompt by chunks of its own tokens, not seq_length padded ones, and a decode step; greedy
+   decoding runs many decode steps, argmax included, in one op; ``forward`` routes MindFormers' own generation loop
+   through them. Their weights may stay bfloat16 or int8 (llama.cpp's Q8_0) as a model directory stores them.
+   Without a KV cache (training), the attention's RoPE is one op forward and one backward.
 """
+import contextlib
 import copy
 
 import mindspore as ms
 import mindspore.common.dtype as mstype
 import numpy as np
 from mindspore import Parameter, ops
+from mindspore.nn.utils import no_init_parameters
 from mindformers.models.llama.llama import LlamaForCausalLM
 from mindformers.models.llama.llama_layer import LlamaRMSNorm
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from knowlm.checkpoints.model_dir import load_config, load_weights
+from knowlm.checkpoints.names import is_kv_cache_parameter
 from knowlm.errors import KnowLMError
 from knowlm.models.config import KnowLMConfig
-from knowlm.models.decoding import greedy_config, greedy_search
-from knowlm.models.kernels import (DecodeMatMul, decode_steps, fuse_decode_layer, fuse_final_norm,
+from knowlm.models.decoding import greedy_config, greedy_search, prefill as prefill_logits, step as step_logits
+from knowlm.models.kernels import (DecodeMatMul, decode_steps, forward_kernel, fuse_decode_layer, fuse_final_norm,
                                    fuse_rotary_embedding, kernel_library)
 from knowlm.models.layers import (CrossEntropy, KnowLMRMSNorm, KVCacheWrite, PagedAttentionReference,
                                   RMSNormFunction, RotaryEmbeddingBSH, Softmax)
@@ -51,9 +55,14 @@ _CPU_SAFE = dict(fused_rms_norm=False, use_rope_slice=True, use_flash_attention=
 
 
 def portable_config(config: KnowLMConfig) -> KnowLMConfig:
-    """A copy of ``config`` that avoids every Ascend-only kernel (identity on Ascend)."""
+    """A copy of ``config`` that avoids every Ascend-only kernel (on Ascend: ``config``, with int8 (Q8_0) storage
+    built as float32 parameters: its weights are widened to them when loaded)."""
     if on_ascend():
-        return config
+        if str(config.param_init_type).lower() != "int8":
+            return config
+        config = copy.deepcopy(config)
+        config.param_init_type = config.embedding_init_type = "float32"
+        return type(config)(**config.to_dict())
     config = copy.deepcopy(config)
     for key, value in _CPU_SAFE.items():
         setattr(config, key, value)
@@ -73,15 +82,19 @@ def _use_row_sum_gradients(network: LlamaForCausalLM):
 
 def _use_portable_kv_cache(network: LlamaForCausalLM):
     """Swap the three Ascend-only KV-cache kernels of every layer for knowlm's portable cells."""
-    for layer in network.model.layers:
+    for index, layer in enumerate(network.model.layers):
         attention = layer.attention.infer_attention
         manager = attention.paged_attention_mgr
+        # Named per layer: the whole-model kernels gather every layer's cache into one ParameterTuple.
+        prefix = f"model.layers.{index}.attention.infer_attention.paged_attention_mgr."
         num_blocks, block_size = manager.key_cache.shape[:2]
         slots = num_blocks * block_size
         # 2-D so that ScatterUpdate can write a Parameter in place.
         shape = (manager.n_kv_heads * (slots + 1), manager.head_dim)
-        manager.key_cache = Parameter(ops.zeros(shape, mstype.float32), name="key_cache", requires_grad=False)
-        manager.value_cache = Parameter(ops.zeros(shape, mstype.float32), name="value_cache", requires_grad=False)
+        manager.key_cache = Parameter(ops.zeros(shape, mstype.float32), name=prefix + "key_cache",
+                                      requires_grad=False)
+        manager.value_cache = Parameter(ops.zeros(shape, mstype.float32), name=prefix + "value_cache",
+                                        requires_grad=False)
         manager.reshape_and_cache = KVCacheWrite(manager.n_kv_heads, manager.head_dim, trash_slot=slots)
         manager.paged_attention = PagedAttentionReference(manager.n_heads, manager.n_kv_heads, manager.head_dim,
                                                           block_size, manager.scale_value, rows_per_head=slots + 1)
@@ -104,9 +117,22 @@ def _use_cpu_kernels(network: LlamaForCausalLM):
         fuse_final_norm(network.model.norm_out, library)
         for layer in network.model.layers:
             fuse_decode_layer(layer, library)
-        # In the network's __dict__, not among its cells: it holds the network's own layers.
+        # In the network's __dict__, not among its cells: they hold the network's own layers.
+        network.__dict__["forward_kernel"] = forward_kernel(network, library)
         network.__dict__["decode_steps"] = decode_steps(network, library)
     return library
+
+
+def _runs_cpu_kernels(config) -> bool:
+    """Whether a model of ``config`` will compute generation with knowlm's whole-model kernels only (so its weights
+    may stay bfloat16 or Q8_0 as stored: nothing of MindFormers' computes with them)."""
+    return config.use_past and not on_ascend() and ms.get_context("device_target") == "CPU" \
+        and kernel_library() is not None
+
+
+def weight_dtypes(network) -> tuple:
+    """The distinct dtypes of ``network``'s weights (not its KV cache), e.g. ``("Float32", "UInt8")``."""
+    return tuple(sorted({str(p.dtype) for p in network.get_parameters() if not is_kv_cache_parameter(p.name)}))
 
 
 def padding_id(rows, preferred) -> int:
@@ -151,8 +177,14 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             # Resolved before the (possibly 13B) parameters are allocated, so a missing path fails at once.
             config.checkpoint_name_or_path = checkpoint_for(config.pipeline_name, config.checkpoint_name_or_path)
         use_graph_mode()
-        # By keyword: MindFormers' lazy-inline decorator reads disable_lazy_inline only from a keyword config.
-        super().__init__(config=config)
+        # Weights that a checkpoint is about to replace are not filled with random values first (seconds for a small
+        # model, and a 13B model's float32 parameters would not fit in memory before its bf16/int8 weights replace
+        # them): load_weights gives every one of them its value, or fails.
+        skip_init = no_init_parameters() if config.checkpoint_name_or_path and not on_ascend() else \
+            contextlib.nullcontext()
+        with skip_init:
+            # By keyword: MindFormers' lazy-inline decorator reads disable_lazy_inline only from a keyword config.
+            super().__init__(config=config)
         # Attention masks follow positions, never token values: MindFormers' mask also hides every key whose token
         # is pad_token_id, i.e. a real <unk>, </s> or <|im_end|> inside a prompt. Right padding needs no mask of
         # its own (a real query never looks past itself; decode steps attend up to batch_valid_length).
@@ -170,10 +202,15 @@ class KnowLMForCausalLM(LlamaForCausalLM):
                 _use_portable_kv_cache(self)
             if ms.get_context("device_target") == "CPU":
                 self.kernel_library = _use_cpu_kernels(self)
+        if weight_dtypes(self) != ("Float32",) and self.__dict__.get("forward_kernel") is None:
+            raise KnowLMError(f"weights stored as {', '.join(weight_dtypes(self))} run on knowlm's CPU kernels only "
+                              "(use_past=True, a C++ compiler); convert the model with --dtype fp32 to run it here")
 
     def load_checkpoint(self, config):
         if config.checkpoint_name_or_path:
-            load_weights(self, config.checkpoint_name_or_path)
+            # bf16 and Q8_0 weights stay as stored where knowlm's kernels do all the computing (they read them as
+            # they are); anything of MindFormers' (training, Ascend, no compiler) gets them widened to float32.
+            load_weights(self, config.checkpoint_name_or_path, keep_storage=_runs_cpu_kernels(config))
             # Loaded: MindFormers' LoRA wrapper calls load_checkpoint on this config again, with its own loader.
             self.config.checkpoint_name_or_path = ""
 
@@ -186,6 +223,21 @@ class KnowLMForCausalLM(LlamaForCausalLM):
         config = load_config(pretrained_model_name_or_dir, **overrides)
         config.checkpoint_name_or_path = str(pretrained_model_name_or_dir)
         return cls(config)
+
+    def forward(self, input_ids, valid_length_each_example, block_tables=None, slot_mapping=None, prefill=None,
+                use_past=False, **kwargs):
+        """MindFormers' model call inside its ``generate`` loop; with knowlm's ``Forward`` kernel, a prompt runs by
+        chunks into the KV cache (``knowlm.models.decoding.prefill``) and a decode step is one kernel call."""
+        forward = self.__dict__.get("forward_kernel")
+        if forward is None or not use_past or block_tables is None:
+            return super().forward(input_ids, valid_length_each_example, block_tables=block_tables,
+                                   slot_mapping=slot_mapping, prefill=prefill, use_past=use_past, **kwargs)
+        ids = np.reshape(input_ids, (-1, np.shape(input_ids)[-1]))
+        valid = np.asarray(valid_length_each_example, np.int32)
+        rows = np.arange(ids.shape[0])
+        logits = prefill_logits(forward, ids, valid, block_tables) if prefill else \
+            step_logits(forward, ids[rows, valid - 1], valid, block_tables)
+        return ms.Tensor(logits), valid - 1 + rows * ids.shape[1]
 
     def get_logits_processor(self, generation_config, input_ids_seq_length, logits_processor):
         return self._host_side(super().get_logits_processor(generation_config, input_ids_seq_length,
@@ -228,8 +280,9 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             return super().generate(input_ids, generation_config=generation_config,
                                     logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)
         greedy = greedy_config(self, generation_config, logits_processor, kwargs)
-        # knowlm's greedy loop and MindFormers' compile different graphs: part of the compile cache's key.
-        with compile_cache(self.config, self.kernel_library, graphs=(batch, greedy is not None)):
+        # knowlm's greedy loop and MindFormers' compile different graphs, and graphs over bf16 or Q8_0 weights
+        # differ from float32 ones: part of the compile cache's key.
+        with compile_cache(self.config, self.kernel_library, graphs=(batch, greedy is not None, weight_dtypes(self))):
             if greedy is not None:
                 return greedy_search(self, np.reshape(input_ids, (batch, width)), greedy, streamer)
             return super().generate(input_ids, generation_config=generation_config,

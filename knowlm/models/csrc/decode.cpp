@@ -1,18 +1,24 @@
-// knowlm's CPU decoding kernels, MindSpore AOT custom ops (knowlm/models/kernels.py builds and calls them), float32:
+// knowlm's CPU inference kernels, MindSpore AOT custom ops (knowlm/models/kernels.py builds and calls them):
 //
-// - KnowLMGemv: y (M, N) = x (M, K) . w (N, K)^T for a few rows M (one new token per sequence): the lm_head.
-// - KnowLMRmsNorm: LLaMA's RMSNorm, for the final norm of a generation model.
+// - KnowLMForward: a whole model for any number of new tokens per sequence (a prompt, a chunk of one, or one decode
+//   step): embedding, every decoder layer with its KV-cache write and causal attention over the cache, final norm and
+//   the lm_head of each sequence's last new token. Cost follows the tokens computed and the positions in the cache,
+//   never the model's seq_length; no intermediate outlives its layer.
+// - KnowLMDecodeSteps: up to N greedy decode steps of a whole model (argmax included) in one call.
+// - KnowLMDecodeLayer, KnowLMGemv, KnowLMRmsNorm: one decoder layer for one new token per sequence, the lm_head and the
+//   final norm, for MindFormers' decode-step graph.
 // - KnowLMRope, KnowLMRopeGrad: rotate-half RoPE and its gradient, for training (one thread).
-// - KnowLMDecodeLayer: one whole LLaMA decoder layer for one new token per sequence (RMSNorm, q/k/v, rotate-half
-//   RoPE, KV-cache write, attention over the cache, o, residual, RMSNorm, SwiGLU feed-forward, residual). A decode
-//   step of MindSpore ops is ~50 kernels per layer whose launches cost more than their arithmetic on small models;
-//   this is one.
-// - KnowLMDecodeSteps: up to N greedy decode steps of a whole model (embedding, those layers, final norm, lm_head,
-//   argmax) in one call, for generation without a graph call and a return to Python per token.
+//
+// Weights (the 2-D ones) come as float32, bfloat16 or uint8 = llama.cpp's Q8_0 blocks (per 32 values: a float16 scale
+// d, then 32 int8 q; value d * q), told apart by dtype (`Matrix`). Arithmetic is float32 on the weights' exact values:
+// a few rows (decode) are dot products that widen each weight as it streams in (decode is memory-bound: the bytes
+// read decide its speed), many rows (prefill) a blocked matrix product on panels of weight rows widened once into
+// float32 (compute-bound: the panel's widening is spread over every row of the prompt).
 //
 // Decoding reads every weight once per token, so memory bandwidth is the limit: independent sums and software
 // prefetch keep enough loads in flight to reach the machine's read bandwidth (one row at a time with one sum reaches
-// about a third of it). GCC/Clang vector extensions, so it compiles to AVX-512/AVX2/NEON alike.
+// about a third of it). GCC/Clang vector extensions, so it compiles to AVX-512/AVX2/NEON alike; fused multiply-adds
+// and lane sums use AVX-512 instructions where the compiler targets them.
 //
 // Threads: work is split between the calling thread and helpers of our own, KnowLMSetThreads in all (knowlm's kernels.py
 // passes OMP_NUM_THREADS as the process started with it: MindSpore sets the variable to 1 once it runs a graph, which
@@ -30,10 +36,16 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <mutex>
 #include <set>
 #include <thread>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -67,20 +79,161 @@ inline float Dot(const float *a, const float *b, int64_t n) {
   return sum;
 }
 
+inline Vec Fma(Vec a, Vec b, Vec c) {      // a * b + c, fused where the target has it
+#if defined(__AVX512F__)
+  return (Vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float Sum(Vec v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float sum = 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) sum += v[lane];
+  return sum;
+#endif
+}
+
+inline Vec Splat(float value) { return Vec{} + value; }
+
+// e^x (x clamped to [-87, 88]: softmax and SiLU arguments), Cephes' expf: 2^n * p(r), r = x - n ln 2 in
+// [-ln2/2, ln2/2], a few ulp.
+inline Vec Exp(Vec x) {
+  typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  x = x < Splat(-87.0f) ? Splat(-87.0f) : x;
+  x = x > Splat(88.0f) ? Splat(88.0f) : x;
+  const Vec n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504088896341f +
+                                        (x < Splat(0.0f) ? Splat(-0.5f) : Splat(0.5f)), IVec), Vec);
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  Vec p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  return p * (Vec)bits;
+}
+
+// Weight storage, by the dtype MindSpore passes: float32, bfloat16, or uint8 rows of Q8_0 blocks.
+enum WeightType { kFloat32, kBFloat16, kQ8 };
+constexpr int64_t kQ8Values = 32, kQ8Bytes = 34;
+typedef uint16_t HalfVec __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t WordVec __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef int8_t ByteVec __attribute__((vector_size(kLanes)));
+
+inline Vec LoadBF16(const uint8_t *p) {       // bfloat16 is float32's upper half: widening is exact
+#if defined(__AVX512F__)
+  return (Vec)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))), 16);
+#else
+  HalfVec h;
+  std::memcpy(&h, p, sizeof(h));
+  return (Vec)(__builtin_convertvector(h, WordVec) << 16);
+#endif
+}
+
+inline Vec LoadQ8(const uint8_t *p) {         // 16 int8 values as floats
+#if defined(__AVX512F__)
+  return (Vec)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
+#else
+  ByteVec b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, Vec);
+#endif
+}
+
+inline float Half(const uint8_t *p) {         // a little-endian float16
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = uint32_t{h & 0x8000u} << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else {
+    float value = std::ldexp(static_cast<float>(mantissa), -24);
+    std::memcpy(&bits, &value, sizeof(bits));
+    bits |= sign;
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+#endif
+}
+
+// A weight (rows, cols) as stored; cols is the logical width (Q8_0: 32 values per 34 bytes).
+struct Matrix {
+  const uint8_t *data = nullptr;
+  WeightType type = kFloat32;
+  int64_t rows = 0, cols = 0, row_bytes = 0;
+
+  bool Set(void *param, const char *dtype, int ndim, const int64_t *shape) {
+    if (ndim != 2) return false;
+    data = static_cast<const uint8_t *>(param);
+    rows = shape[0];
+    if (std::strcmp(dtype, "float32") == 0) {
+      type = kFloat32, cols = shape[1], row_bytes = cols * 4;
+    } else if (std::strcmp(dtype, "bfloat16") == 0) {
+      type = kBFloat16, cols = shape[1], row_bytes = cols * 2;
+    } else if (std::strcmp(dtype, "uint8") == 0 && shape[1] % kQ8Bytes == 0) {
+      type = kQ8, cols = shape[1] / kQ8Bytes * kQ8Values, row_bytes = shape[1];
+    } else {
+      return false;
+    }
+    return true;
+  }
+  const uint8_t *Row(int64_t r) const { return data + r * row_bytes; }
+  const float *Floats() const { return reinterpret_cast<const float *>(data); }
+
+  // Row r as float32 values.
+  void Widen(int64_t r, float *out) const {
+    const uint8_t *row = Row(r);
+    if (type == kFloat32) {
+      std::memcpy(out, row, cols * sizeof(float));
+    } else if (type == kBFloat16) {
+      for (int64_t k = 0; k < cols; ++k) {
+        const uint32_t bits = uint32_t{reinterpret_cast<const uint16_t *>(row)[k]} << 16;
+        std::memcpy(out + k, &bits, sizeof(float));
+      }
+    } else {
+      for (int64_t b = 0; b < cols / kQ8Values; ++b) {
+        const uint8_t *block = row + b * kQ8Bytes;
+        const float scale = Half(block);
+        for (int64_t k = 0; k < kQ8Values; ++k) {
+          out[b * kQ8Values + k] = scale * static_cast<float>(static_cast<int8_t>(block[2 + k]));
+        }
+      }
+    }
+  }
+};
+
+// Whether a weight of this type and width has a vector path (else its products run Widen + float32).
+inline bool Vectorizable(const Matrix &w) {
+  return w.type == kFloat32 || (w.type == kBFloat16 && w.cols % kLanes == 0) || w.type == kQ8;
+}
+
 // Asks Linux to keep a weight on 2 MB pages, once per weight. A decode step reads every weight once, and on 4 KB pages
 // every 4 KB is a TLB miss: ~25 000 per token for the small benchmark model's layers, whose weights (1-3 MB) MindSpore
 // puts on the heap (numpy already asks for huge pages for arrays of 4 MB and more). The advice covers the 2 MB pages around
 // the weight, falling back to those inside it where that range is not all mapped; neither changes what the memory
 // holds. MADV_COLLAPSE (Linux 6.1+) moves the weight to huge pages now; older kernels refuse it and khugepaged does
 // it later.
-void OnHugePages(const float *weight, int64_t count) {
+void OnHugePages(const void *weight, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static std::mutex lock;
-  static std::set<const float *> done;
+  static std::set<const void *> done;
   std::lock_guard<std::mutex> guard(lock);
   if (!done.insert(weight).second) return;
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(weight), last = first + count * sizeof(float);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(weight), last = first + bytes;
   uintptr_t start = first & ~(kHuge - 1), end = (last + kHuge - 1) & ~(kHuge - 1);
   if (madvise(reinterpret_cast<void *>(start), end - start, MADV_HUGEPAGE) != 0) {
     start = (first + kHuge - 1) & ~(kHuge - 1);
@@ -91,7 +244,7 @@ void OnHugePages(const float *weight, int64_t count) {
   madvise(reinterpret_cast<void *>(start), end - start, kCollapse);
 #else
   (void)weight;
-  (void)count;
+  (void)bytes;
 #endif
 }
 
@@ -100,35 +253,33 @@ struct Job {
   virtual ~Job() = default;
 };
 
-// y_s (M, N_s) = x (M, K) . w_s (N_s, K)^T for up to three weights sharing x (q/k/v, gate/up), split between the
-// threads by groups of kRows rows.
+// y_s (M, N_s) = x (M, K) . w_s (N_s, K)^T for up to three weights sharing x (q/k/v, gate/up) and a few rows M (one
+// new token per sequence), split between the threads by groups of kRows weight rows.
 struct Products : Job {
   static constexpr int kMax = 3;
   const float *x;
   int64_t m_rows, k_len;
   int count = 0;
-  const float *w[kMax];
+  Matrix w[kMax];
   float *y[kMax];
-  int64_t n[kMax];
 
   Products(const float *x_, int64_t m_rows_, int64_t k_len_) : x(x_), m_rows(m_rows_), k_len(k_len_) {}
 
-  Products &Add(const float *weight, float *out, int64_t rows) {
-    OnHugePages(weight, rows * k_len);
+  Products &Add(const Matrix &weight, float *out) {
+    OnHugePages(weight.data, weight.rows * weight.row_bytes);
     w[count] = weight;
     y[count] = out;
-    n[count] = rows;
     ++count;
     return *this;
   }
 
-  // Weight rows first..first + kRows of weight s against every row of x, one sum per row.
+  // Float32 weight rows first..first + kRows of weight s against every row of x, one sum per row.
   void Rows(int s, int64_t first) const {
     constexpr int R = kRows;
-    const float *rows = w[s] + first * k_len;
+    const float *rows = w[s].Floats() + first * k_len;
     // The next group's rows are fetched into L2 while this group streams: the hardware prefetcher alone restarts at
     // every group.
-    const float *ahead = first + 2 * R <= n[s] ? rows + R * k_len : rows;
+    const float *ahead = first + 2 * R <= w[s].rows ? rows + R * k_len : rows;
     for (int64_t m = 0; m < m_rows; ++m) {
       const float *xm = x + m * k_len;
       Vec acc[R] = {};
@@ -144,14 +295,14 @@ struct Products : Job {
         float sum = 0.0f;
         for (int lane = 0; lane < kLanes; ++lane) sum += acc[r][lane];
         for (int64_t j = k; j < k_len; ++j) sum += rows[r * k_len + j] * xm[j];
-        y[s][m * n[s] + first + r] = sum;
+        y[s][m * w[s].rows + first + r] = sum;
       }
     }
   }
 
-  // Weight row `r` of weight s against every row of x, kUnroll independent sums.
+  // Float32 weight row `r` of weight s against every row of x, kUnroll independent sums.
   void Row(int s, int64_t r) const {
-    const float *row = w[s] + r * k_len;
+    const float *row = w[s].Floats() + r * k_len;
     for (int64_t m = 0; m < m_rows; ++m) {
       const float *xm = x + m * k_len;
       Vec acc[kUnroll] = {};
@@ -167,65 +318,296 @@ struct Products : Job {
       float sum = 0.0f;
       for (int lane = 0; lane < kLanes; ++lane) sum += total[lane];
       for (; k < k_len; ++k) sum += row[k] * xm[k];
-      y[s][m * n[s] + r] = sum;
+      y[s][m * w[s].rows + r] = sum;
+    }
+  }
+
+  // bfloat16 or Q8_0 weight rows first..first + R of weight s against every row of x: each weight widened as it
+  // streams in, R interleaved rows, the next group prefetched.
+  template <int R>
+  void Narrow(int s, int64_t first) const {
+    const Matrix &m_w = w[s];
+    const uint8_t *rows = m_w.Row(first);
+    const uint8_t *ahead = first + 2 * R <= m_w.rows ? rows + R * m_w.row_bytes : rows;
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const float *xm = x + m * k_len;
+      Vec acc[R] = {};
+      if (m_w.type == kBFloat16) {
+        for (int64_t k = 0; k < k_len; k += kLanes) {
+          const Vec xv = Load(xm + k);
+          for (int r = 0; r < R; ++r) {
+            __builtin_prefetch(ahead + r * m_w.row_bytes + 2 * k, 0, 2);
+            acc[r] = Fma(LoadBF16(rows + r * m_w.row_bytes + 2 * k), xv, acc[r]);
+          }
+        }
+      } else {
+        for (int64_t b = 0; b < k_len / kQ8Values; ++b) {
+          const Vec x0 = Load(xm + b * kQ8Values), x1 = Load(xm + b * kQ8Values + kLanes);
+          for (int r = 0; r < R; ++r) {
+            const uint8_t *block = rows + r * m_w.row_bytes + b * kQ8Bytes;
+            __builtin_prefetch(ahead + (block - rows), 0, 2);
+            const Vec part = Fma(LoadQ8(block + 2), x0, LoadQ8(block + 2 + kLanes) * x1);
+            acc[r] = Fma(part, Splat(Half(block)), acc[r]);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) y[s][m * m_w.rows + first + r] = Sum(acc[r]);
+    }
+  }
+
+  void Group(int s, int64_t row) const {
+    const int64_t end = std::min(row + kRows, w[s].rows);
+    if (w[s].type == kFloat32) {
+      if (k_len > kShortRow && end - row == kRows) {
+        Rows(s, row);
+      } else {
+        for (int64_t r = row; r < end; ++r) Row(s, r);
+      }
+    } else if (Vectorizable(w[s]) && end - row == kRows) {
+      Narrow<kRows>(s, row);
+    } else if (Vectorizable(w[s])) {
+      for (int64_t r = row; r < end; ++r) Narrow<1>(s, r);
+    } else {
+      std::vector<float> wide(k_len);
+      for (int64_t r = row; r < end; ++r) {
+        w[s].Widen(r, wide.data());
+        for (int64_t m = 0; m < m_rows; ++m) y[s][m * w[s].rows + r] = Dot(wide.data(), x + m * k_len, k_len);
+      }
     }
   }
 
   void Part(int part, int parts) const override {
     int64_t groups[kMax], total = 0;
-    for (int s = 0; s < count; ++s) total += groups[s] = (n[s] + kRows - 1) / kRows;
+    for (int s = 0; s < count; ++s) total += groups[s] = (w[s].rows + kRows - 1) / kRows;
     const int64_t first = total * part / parts, last = total * (part + 1) / parts;
     int s = 0;
     int64_t base = 0;                 // groups of the weights before s
     for (int64_t g = first; g < last; ++g) {
       while (g - base >= groups[s]) base += groups[s++];
-      const int64_t row = (g - base) * kRows;
-      if (k_len > kShortRow && row + kRows <= n[s]) {
-        Rows(s, row);
-      } else {
-        for (int64_t r = row; r < std::min(row + kRows, n[s]); ++r) Row(s, r);
-      }
+      Group(s, (g - base) * kRows);
     }
   }
 };
 
-// Attention of one new token per sequence over its cached keys/values, split between the threads by
-// (sequence, head). Caches are head-major (kv_heads * rows_per_head, dim); a sequence's position p is in slot
-// block_tables[p / block_size] * block_size + p % block_size; positions >= valid[b] are not attended to.
-struct Attention : Job {
-  const float *q, *key_cache, *value_cache;
-  const int32_t *block_tables, *valid;
-  float *out;
-  int64_t batch, heads, kv_heads, dim, max_blocks, block_size, rows_per_head;
-  float scale;
+// The same products for many rows M (a prompt), in the layout the weights have (as llamafile's tinyBLAS does for
+// llama.cpp): each kNr weight rows (widened into float32 once per kGroup rows if stored narrower) against each kMr rows
+// of x, a register tile of kMr x kNr vector sums along k, then one sum across lanes per output. The threads share
+// groups of kGroup weight rows.
+struct Gemm : Job {
+  static constexpr int kMax = 3, kMr = 6, kNr = 4, kGroup = 4 * kNr;
+  const float *x;
+  int64_t m_rows, k_len;
+  int count = 0;
+  Matrix w[kMax];
+  float *y[kMax];
+
+  Gemm(const float *x_, int64_t m_rows_, int64_t k_len_) : x(x_), m_rows(m_rows_), k_len(k_len_) {}
+
+  Gemm &Add(const Matrix &weight, float *out) {
+    w[count] = weight;
+    y[count] = out;
+    ++count;
+    return *this;
+  }
+
+  template <int MR, int NR>
+  void Tile(const float *xm, const float *rows, float *out, int64_t ldy) const {
+    Vec acc[MR][NR] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= k_len; k += kLanes) {
+      Vec wv[NR];
+      for (int n = 0; n < NR; ++n) wv[n] = Load(rows + n * k_len + k);
+      for (int m = 0; m < MR; ++m) {
+        const Vec xv = Load(xm + m * k_len + k);
+        for (int n = 0; n < NR; ++n) acc[m][n] = Fma(xv, wv[n], acc[m][n]);
+      }
+    }
+    for (int m = 0; m < MR; ++m) {
+      for (int n = 0; n < NR; ++n) {
+        float sum = Sum(acc[m][n]);
+        for (int64_t j = k; j < k_len; ++j) sum += xm[m * k_len + j] * rows[n * k_len + j];
+        out[m * ldy + n] = sum;
+      }
+    }
+  }
+
+  template <int MR, int NR = kNr>
+  void Tiles(int nr, const float *xm, const float *rows, float *out, int64_t ldy) const {
+    if constexpr (NR > 1) {
+      if (nr < NR) return Tiles<MR, NR - 1>(nr, xm, rows, out, ldy);
+    }
+    Tile<MR, NR>(xm, rows, out, ldy);
+  }
+
+  template <int MR = kMr>
+  void Rows(int mr, int nr, const float *xm, const float *rows, float *out, int64_t ldy) const {
+    if constexpr (MR > 1) {
+      if (mr < MR) return Rows<MR - 1>(mr, nr, xm, rows, out, ldy);
+    }
+    Tiles<MR>(nr, xm, rows, out, ldy);
+  }
+
+  // Weight rows first..first + kGroup of weight s against every row of x.
+  void Group(int s, int64_t first, std::vector<float> &wide) const {
+    const int64_t rows = std::min<int64_t>(kGroup, w[s].rows - first), ldy = w[s].rows;
+    const float *group = w[s].Floats() + first * k_len;
+    if (w[s].type != kFloat32) {
+      wide.resize(rows * k_len);
+      for (int64_t r = 0; r < rows; ++r) w[s].Widen(first + r, wide.data() + r * k_len);
+      group = wide.data();
+    }
+    for (int64_t m = 0; m < m_rows; m += kMr) {
+      for (int64_t n = 0; n < rows; n += kNr) {
+        Rows(static_cast<int>(std::min<int64_t>(kMr, m_rows - m)), static_cast<int>(std::min<int64_t>(kNr, rows - n)),
+             x + m * k_len, group + n * k_len, y[s] + m * ldy + first + n, ldy);
+      }
+    }
+  }
 
   void Part(int part, int parts) const override {
-    const int64_t tasks = batch * heads;
-    std::vector<float> scores;
-    for (int64_t task = tasks * part / parts; task < tasks * (part + 1) / parts; ++task) {
-      const int64_t b = task / heads, head = task % heads;
-      const float *query = q + task * dim;
-      const float *keys = key_cache + head / (heads / kv_heads) * rows_per_head * dim;
-      const float *values = value_cache + (keys - key_cache);
-      const int32_t *blocks = block_tables + b * max_blocks;
-      const int64_t length = valid[b];
-      scores.resize(length);
-      float top = -INFINITY;
-      for (int64_t p = 0; p < length; ++p) {
-        const int64_t slot = int64_t{blocks[p / block_size]} * block_size + p % block_size;
-        scores[p] = Dot(query, keys + slot * dim, dim) * scale;
-        top = std::max(top, scores[p]);
+    int64_t groups[kMax], total = 0;
+    for (int s = 0; s < count; ++s) total += groups[s] = (w[s].rows + kGroup - 1) / kGroup;
+    std::vector<float> wide;
+    for (int64_t g = part; g < total; g += parts) {
+      int64_t p = g, s = 0;
+      while (p >= groups[s]) p -= groups[s++];
+      Group(static_cast<int>(s), p * kGroup, wide);
+    }
+  }
+};
+
+// Attention of new tokens over their sequences' cached keys/values (the new tokens' own included). Caches are
+// head-major (kv_heads * rows_per_head, dim); a position p of a token's sequence is in slot
+// table[p / block_size] * block_size + p % block_size; a token attends to positions < valid[token].
+//
+// Tokens are taken in runs of up to kQueries consecutive positions of one sequence (a prompt; a decode step's tokens
+// are runs of one), each run with the query heads that share a key/value head: for every kKeys positions, the keys
+// are gathered and transposed once, then each query's kKeys scores are one vector (dim broadcast multiply-adds), and
+// its softmax is kept online (a running maximum and sum, as flash attention does), so the work is vector-wide and
+// nothing grows with the sequence but the loop. Work is shared by (run, key/value head), interleaved between the
+// threads so that a prompt's short early runs and long late runs share out evenly.
+struct Attention : Job {
+  static constexpr int64_t kQueries = 16, kKeys = kLanes, kTransposeQueries = 8;
+  const float *q, *key_cache, *value_cache;
+  const int32_t *const *tables;
+  const int32_t *valid;
+  float *out;
+  int64_t tokens, heads, kv_heads, dim, block_size, rows_per_head;
+  float scale;
+  std::vector<std::pair<int64_t, int64_t>> runs;     // (first token, tokens)
+
+  void FindRuns() {
+    runs.clear();
+    for (int64_t t = 0; t < tokens; ++t) {
+      if (!runs.empty() && runs.back().second < kQueries && tables[t] == tables[t - 1] &&
+          valid[t] == valid[t - 1] + 1) {
+        ++runs.back().second;
+      } else {
+        runs.emplace_back(t, 1);
       }
-      float total = 0.0f;
-      for (int64_t p = 0; p < length; ++p) total += scores[p] = std::exp(scores[p] - top);
-      float *context = out + task * dim;
-      std::fill(context, context + dim, 0.0f);
-      for (int64_t p = 0; p < length; ++p) {
-        const int64_t slot = int64_t{blocks[p / block_size]} * block_size + p % block_size;
-        const float weight = scores[p] / total;
-        const float *value = values + slot * dim;
-        for (int64_t d = 0; d < dim; ++d) context[d] += weight * value[d];
+    }
+  }
+
+  int64_t Slot(const int32_t *table, int64_t p) const {
+    return int64_t{table[p / block_size]} * block_size + p % block_size;
+  }
+
+  void Run(int64_t first, int64_t count, int64_t group, std::vector<float> &state, std::vector<float> &keys_t) const {
+    const int64_t rep = heads / kv_heads, queries = rep * count, vecs = dim / kLanes;
+    const float *keys = key_cache + group * rows_per_head * dim, *values = value_cache + group * rows_per_head * dim;
+    const int32_t *table = tables[first];
+    const int64_t length = valid[first + count - 1];
+    // Per query: running maximum, running sum, then dim sums of weighted values.
+    const int64_t stride = 2 + dim;
+    state.assign(queries * stride, 0.0f);
+    for (int64_t i = 0; i < queries; ++i) state[i * stride] = -INFINITY;
+    keys_t.resize(dim * kKeys);
+    // Few queries (a decode step): each score is a dot product; many: the keys are transposed once for all of them.
+    const bool transpose = queries >= kTransposeQueries;
+    const float *key_rows[kKeys], *rows[kKeys];
+    for (int64_t p0 = 0; p0 < length; p0 += kKeys) {
+      const int64_t n_keys = std::min(kKeys, length - p0);
+      for (int64_t j = 0; j < n_keys; ++j) {
+        key_rows[j] = keys + Slot(table, p0 + j) * dim;
+        rows[j] = values + Slot(table, p0 + j) * dim;
       }
+      if (transpose) {
+        for (int64_t j = 0; j < kKeys; ++j) {
+          for (int64_t d = 0; d < dim; ++d) keys_t[d * kKeys + j] = j < n_keys ? key_rows[j][d] : 0.0f;
+        }
+      }
+      for (int64_t i = 0; i < queries; ++i) {
+        const int64_t token = first + i % count, head = group * rep + i / count;
+        const int64_t visible = std::min(n_keys, valid[token] - p0);
+        if (visible <= 0) continue;
+        const float *query = q + (token * heads + head) * dim;
+        Vec s = {};
+        if (transpose) {
+          for (int64_t d = 0; d < dim; ++d) s = Fma(Splat(query[d]), Load(&keys_t[d * kKeys]), s);
+        } else {
+          for (int64_t j = 0; j < visible; ++j) {
+            Vec products = {};
+            for (int64_t d = 0; d < dim; d += kLanes) products = Fma(Load(query + d), Load(key_rows[j] + d), products);
+            s[j] = Sum(products);
+          }
+        }
+        s *= scale;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < visible; ++j) top = std::max(top, s[j]);
+        float *st = &state[i * stride];
+        const float best = std::max(st[0], top), correction = std::exp(st[0] - best);
+        Vec e = Exp(s - best);
+        for (int64_t j = visible; j < kKeys; ++j) e[j] = 0.0f;
+        st[0] = best;
+        st[1] = st[1] * correction + Sum(e);
+        float *acc = st + 2;
+        for (int64_t v = 0; v < vecs; ++v) {
+          Vec a = Load(acc + v * kLanes) * correction;
+          for (int64_t j = 0; j < visible; ++j) a = Fma(Splat(e[j]), Load(rows[j] + v * kLanes), a);
+          std::memcpy(acc + v * kLanes, &a, sizeof(a));
+        }
+      }
+    }
+    for (int64_t i = 0; i < queries; ++i) {
+      const int64_t token = first + i % count, head = group * rep + i / count;
+      const float *st = &state[i * stride];
+      float *context = out + (token * heads + head) * dim;
+      for (int64_t d = 0; d < dim; ++d) context[d] = st[1] > 0.0f ? st[2 + d] / st[1] : 0.0f;
+    }
+  }
+
+  // One query head of one token, one key at a time: for head sizes that are not a multiple of the vector width.
+  void Single(int64_t token, int64_t head, std::vector<float> &scores) const {
+    const float *query = q + (token * heads + head) * dim;
+    const float *keys = key_cache + head / (heads / kv_heads) * rows_per_head * dim;
+    const float *values = value_cache + (keys - key_cache);
+    const int64_t length = valid[token];
+    scores.resize(length);
+    float top = -INFINITY;
+    for (int64_t p = 0; p < length; ++p) {
+      scores[p] = Dot(query, keys + Slot(tables[token], p) * dim, dim) * scale;
+      top = std::max(top, scores[p]);
+    }
+    float total = 0.0f;
+    for (int64_t p = 0; p < length; ++p) total += scores[p] = std::exp(scores[p] - top);
+    float *context = out + (token * heads + head) * dim;
+    std::fill(context, context + dim, 0.0f);
+    for (int64_t p = 0; p < length; ++p) {
+      const float weight = scores[p] / total, *value = values + Slot(tables[token], p) * dim;
+      for (int64_t d = 0; d < dim; ++d) context[d] += weight * value[d];
+    }
+  }
+
+  void Part(int part, int parts) const override {
+    std::vector<float> state, keys_t;
+    if (dim % kLanes != 0) {
+      for (int64_t task = part; task < tokens * heads; task += parts) Single(task / heads, task % heads, state);
+      return;
+    }
+    const int64_t tasks = static_cast<int64_t>(runs.size()) * kv_heads;
+    for (int64_t task = part; task < tasks; task += parts) {
+      const auto &[first, count] = runs[task / kv_heads];
+      Run(first, count, task % kv_heads, state, keys_t);
     }
   }
 };
@@ -364,89 +746,130 @@ int Rope(int nparam, void **params, int *ndims, int64_t **shapes, const char **d
   return 0;
 }
 
-// One decoder layer's weights and KV cache (knowlm.cpu_ops passes them in this order), with the widths they imply.
+// One decoder layer's weights and KV cache (knowlm's kernels.py passes them in this order), with the widths they imply.
 struct Layer {
   enum { kNorm1, kWq, kWk, kWv, kWo, kNorm2, kW1, kW2, kW3, kKeys, kValues, kCount };
-  const float *norm1, *wq, *wk, *wv, *wo, *norm2, *w1, *w2, *w3;
+  const float *norm1, *norm2;
+  Matrix wq, wk, wv, wo, w1, w2, w3;
   float *keys, *values;             // (kv_heads * rows_per_head, dim), written in place
   int64_t hidden, heads, dim, q_width, kv_heads, kv_width, inter, rows_per_head;
 
-  // From the kCount params at `first`; false if their shapes do not make a layer of `heads` heads.
-  bool Read(void **params, int *ndims, int64_t **shapes, int first, int64_t heads_) {
-    auto in = [&](int i) { return static_cast<float *>(params[first + i]); };
-    auto shape = [&](int i) { return shapes[first + i]; };
-    norm1 = in(kNorm1), wq = in(kWq), wk = in(kWk), wv = in(kWv), wo = in(kWo), norm2 = in(kNorm2);
-    w1 = in(kW1), w2 = in(kW2), w3 = in(kW3), keys = in(kKeys), values = in(kValues);
+  // From the kCount params at `first`; false if their dtypes or shapes do not make a layer of `heads` heads.
+  bool Read(void **params, int *ndims, int64_t **shapes, const char **dtypes, int first, int64_t heads_) {
+    auto matrix = [&](int i, Matrix &m) { return m.Set(params[first + i], dtypes[first + i], ndims[first + i],
+                                                       shapes[first + i]); };
+    if (!matrix(kWq, wq) || !matrix(kWk, wk) || !matrix(kWv, wv) || !matrix(kWo, wo) || !matrix(kW1, w1) ||
+        !matrix(kW2, w2) || !matrix(kW3, w3) || !AllOf(dtypes, first + kNorm1, first + kNorm1 + 1, "float32") ||
+        !AllOf(dtypes, first + kNorm2, first + kNorm2 + 1, "float32") ||
+        !AllOf(dtypes, first + kKeys, first + kCount, "float32")) {
+      return false;
+    }
+    norm1 = static_cast<const float *>(params[first + kNorm1]);
+    norm2 = static_cast<const float *>(params[first + kNorm2]);
+    keys = static_cast<float *>(params[first + kKeys]);
+    values = static_cast<float *>(params[first + kValues]);
     heads = heads_;
-    hidden = shape(kWq)[1], q_width = shape(kWq)[0], dim = q_width / heads, kv_width = shape(kWk)[0];
-    inter = shape(kW1)[0];
-    if (dim == 0 || kv_width % dim != 0 || shape(kWo)[0] != hidden || shape(kW2)[1] != inter ||
-        ndims[first + kKeys] != 2 || shape(kKeys)[1] != dim) {
+    hidden = wq.cols, q_width = wq.rows, dim = heads > 0 ? q_width / heads : 0, kv_width = wk.rows;
+    inter = w1.rows;
+    if (dim == 0 || kv_width % dim != 0 || wk.cols != hidden || wv.rows != kv_width || wv.cols != hidden ||
+        wo.rows != hidden || wo.cols != q_width || w1.cols != hidden || w3.rows != inter || w3.cols != hidden ||
+        w2.rows != hidden || w2.cols != inter || ndims[first + kKeys] != 2 || shapes[first + kKeys][1] != dim) {
       return false;
     }
     kv_heads = kv_width / dim;
     if (kv_heads == 0 || heads % kv_heads != 0) return false;
-    rows_per_head = shape(kKeys)[0] / kv_heads;
+    rows_per_head = shapes[first + kKeys][0] / kv_heads;
     return true;
   }
 };
 
-// Where the new token of each of `batch` sequences goes and what it attends to.
-struct NewTokens {
-  int64_t batch;
-  const float *cos, *sin;           // (batch, dim) at each sequence's new position
-  const int32_t *valid;             // (batch,) length with the new token
-  const int32_t *blocks;            // (batch, max_blocks) block tables
-  const int32_t *slots;             // (batch,) the new token's cache slot (-1: padding, to each head's last row)
-  int64_t max_blocks, block_size;
+// The new tokens a layer computes (n of them, from one or more sequences) and what each attends to.
+struct Tokens {
+  int64_t n;
+  const float *cos, *sin;           // (n, dim) at each token's position
+  const int32_t *valid;             // (n,) positions it attends to: its own position + 1
+  const int32_t *const *tables;     // (n,) its sequence's block table
+  const int32_t *slots;             // (n,) its cache slot (-1: padding, to each head's last row)
+  int64_t block_size;
 };
 
-// out (batch, hidden) = the layer applied to x (batch, hidden); out may be x.
-void DecodeLayer(const Layer &w, const NewTokens &t, float eps, const float *x, float *out) {
-  const int64_t batch = t.batch, hidden = w.hidden;
+// Up to this many rows, products stream each weight once per token row (decode); more rows take the blocked product.
+constexpr int64_t kGemvRows = 8;
+
+
+// y = x (rows, width) . w^T for each (w, y) pair sharing x.
+void Linear(Pool &pool, const float *x, int64_t rows, std::initializer_list<std::pair<Matrix, float *>> outputs) {
+  if (rows <= kGemvRows) {
+    Products job(x, rows, outputs.begin()->first.cols);
+    for (const auto &[w, y] : outputs) job.Add(w, y);
+    pool.Run(job);
+  } else {
+    Gemm job(x, rows, outputs.begin()->first.cols);
+    for (const auto &[w, y] : outputs) job.Add(w, y);
+    pool.Run(job);
+  }
+}
+
+// out (n, hidden) = the layer applied to x (n, hidden); out may be x.
+void LayerForward(const Layer &w, const Tokens &t, float eps, const float *x, float *out) {
+  const int64_t n = t.n, hidden = w.hidden;
   thread_local std::vector<float> scratch;
-  scratch.resize(batch * (2 * hidden + 2 * w.q_width + 2 * w.kv_width + 2 * w.inter));
-  float *normed = scratch.data(), *q = normed + batch * hidden, *k = q + batch * w.q_width;
-  float *v = k + batch * w.kv_width, *context = v + batch * w.kv_width, *gate = context + batch * w.q_width;
-  float *up = gate + batch * w.inter, *residual = up + batch * w.inter;
+  scratch.resize(n * (2 * hidden + 2 * w.q_width + 2 * w.kv_width + 2 * w.inter));
+  float *normed = scratch.data(), *q = normed + n * hidden, *k = q + n * w.q_width;
+  float *v = k + n * w.kv_width, *context = v + n * w.kv_width, *gate = context + n * w.q_width;
+  float *up = gate + n * w.inter, *residual = up + n * w.inter;
   Pool &pool = Helpers();
 
-  RmsNorm(x, w.norm1, eps, batch, hidden, normed);
-  pool.Run(Products(normed, batch, hidden).Add(w.wq, q, w.q_width).Add(w.wk, k, w.kv_width)
-               .Add(w.wv, v, w.kv_width));
-  RopeRows(q, t.cos, t.sin, batch * w.heads, w.dim, w.heads, batch, false, q);
-  RopeRows(k, t.cos, t.sin, batch * w.kv_heads, w.dim, w.kv_heads, batch, false, k);
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t slot = t.slots[b] < 0 ? w.rows_per_head - 1 : t.slots[b];
+  RmsNorm(x, w.norm1, eps, n, hidden, normed);
+  Linear(pool, normed, n, {{w.wq, q}, {w.wk, k}, {w.wv, v}});
+  RopeRows(q, t.cos, t.sin, n * w.heads, w.dim, w.heads, n, false, q);
+  RopeRows(k, t.cos, t.sin, n * w.kv_heads, w.dim, w.kv_heads, n, false, k);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t slot = t.slots[i] < 0 ? w.rows_per_head - 1 : t.slots[i];
     for (int64_t h = 0; h < w.kv_heads; ++h) {
       const int64_t row = h * w.rows_per_head + slot;
-      std::memcpy(w.keys + row * w.dim, k + (b * w.kv_heads + h) * w.dim, w.dim * sizeof(float));
-      std::memcpy(w.values + row * w.dim, v + (b * w.kv_heads + h) * w.dim, w.dim * sizeof(float));
+      std::memcpy(w.keys + row * w.dim, k + (i * w.kv_heads + h) * w.dim, w.dim * sizeof(float));
+      std::memcpy(w.values + row * w.dim, v + (i * w.kv_heads + h) * w.dim, w.dim * sizeof(float));
     }
   }
   Attention attention;
   attention.q = q;
   attention.key_cache = w.keys;
   attention.value_cache = w.values;
-  attention.block_tables = t.blocks;
+  attention.tables = t.tables;
   attention.valid = t.valid;
   attention.out = context;
-  attention.batch = batch;
+  attention.tokens = n;
   attention.heads = w.heads;
   attention.kv_heads = w.kv_heads;
   attention.dim = w.dim;
-  attention.max_blocks = t.max_blocks;
   attention.block_size = t.block_size;
   attention.rows_per_head = w.rows_per_head;
   attention.scale = 1.0f / std::sqrt(static_cast<float>(w.dim));
+  attention.FindRuns();
   pool.Run(attention);
-  pool.Run(Products(context, batch, w.q_width).Add(w.wo, residual, hidden));
-  for (int64_t i = 0; i < batch * hidden; ++i) residual[i] += x[i];
-  RmsNorm(residual, w.norm2, eps, batch, hidden, normed);
-  pool.Run(Products(normed, batch, hidden).Add(w.w1, gate, w.inter).Add(w.w3, up, w.inter));
-  for (int64_t i = 0; i < batch * w.inter; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-  pool.Run(Products(gate, batch, w.inter).Add(w.w2, out, hidden));
-  for (int64_t i = 0; i < batch * hidden; ++i) out[i] += residual[i];
+  Linear(pool, context, n, {{w.wo, residual}});
+  for (int64_t i = 0; i < n * hidden; ++i) residual[i] += x[i];
+  RmsNorm(residual, w.norm2, eps, n, hidden, normed);
+  Linear(pool, normed, n, {{w.w1, gate}, {w.w3, up}});
+  int64_t i = 0;
+  for (; i + kLanes <= n * w.inter; i += kLanes) {       // SiLU(gate) * up
+    const Vec g = Load(gate + i), silu = g / (Exp(-g) + 1.0f) * Load(up + i);
+    std::memcpy(gate + i, &silu, sizeof(silu));
+  }
+  for (; i < n * w.inter; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  Linear(pool, gate, n, {{w.w2, out}});
+  for (int64_t j = 0; j < n * hidden; ++j) out[j] += residual[j];
+}
+
+// Reads `layers` Layers at params[first]; false if one is not a layer.
+bool ReadLayers(std::vector<Layer> &weights, int layers, void **params, int *ndims, int64_t **shapes,
+                const char **dtypes, int first, int64_t heads) {
+  weights.resize(layers);
+  for (int l = 0; l < layers; ++l) {
+    if (!weights[l].Read(params, ndims, shapes, dtypes, first + l * Layer::kCount, heads)) return false;
+  }
+  return true;
 }
 
 // numpy's argmax: the first largest value, or the first NaN.
@@ -474,11 +897,12 @@ extern "C" int KnowLMGemv(int nparam, void **params, int *ndims, int64_t **shape
                           void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || shapes[0][1] != shapes[1][1]) return 1;
-  if (!AllOf(dtypes, 0, 3, "float32")) return 2;
-  Products job(static_cast<const float *>(params[0]), shapes[0][0], shapes[0][1]);
-  job.Add(static_cast<const float *>(params[1]), static_cast<float *>(params[2]), shapes[1][0]);
-  Helpers().Run(job);
+  Matrix w;
+  if (nparam != 3 || ndims[0] != 2 || !w.Set(params[1], dtypes[1], ndims[1], shapes[1]) || shapes[0][1] != w.cols) {
+    return 1;
+  }
+  if (!AllOf(dtypes, 0, 1, "float32") || !AllOf(dtypes, 2, 3, "float32")) return 2;
+  Linear(Helpers(), static_cast<const float *>(params[0]), shapes[0][0], {{w, static_cast<float *>(params[2])}});
   return 0;
 }
 
@@ -513,113 +937,209 @@ extern "C" int KnowLMRmsNorm(int nparam, void **params, int *ndims, int64_t **sh
 }
 
 // Inputs: x (B, H); the layer's Layer::kCount weights and caches (attention_norm (H); wq (heads*D, H); wk, wv
-// (kv_heads*D, H); wo (H, heads*D); ffn_norm (H); w1 (I, H); w2 (H, I); w3 (I, H); key_cache, value_cache
-// (kv_heads * rows_per_head, D), written in place); cos, sin (B, D) at each sequence's new position;
-// batch_valid_length (B,) int32 (length with the new token); block_tables (B, max_blocks) int32; slot_mapping (B,)
-// int32 (-1: padding); meta float32 [heads, eps, block_size]. Output: the layer's output (B, H).
+// (kv_heads*D, H); wo (H, heads*D); ffn_norm (H); w1 (I, H); w2 (H, I); w3 (I, H) -- each float32, bfloat16 or Q8_0;
+// key_cache, value_cache (kv_heads * rows_per_head, D), written in place); cos, sin (B, D) at each sequence's new
+// position; batch_valid_length (B,) int32 (length with the new token); block_tables (B, max_blocks) int32;
+// slot_mapping (B,) int32 (-1: padding); meta float32 [heads, eps, block_size]. Output: the layer's output (B, H).
 extern "C" int KnowLMDecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
   (void)stream;
   (void)extra;
   enum { kX, kLayer, kCos = kLayer + Layer::kCount, kSin, kValid, kBlocks, kSlots, kMeta, kOut, kCount };
   if (nparam != kCount) return 1;
-  if (!AllOf(dtypes, kX, kValid, "float32") || !AllOf(dtypes, kValid, kMeta, "int32") ||
-      !AllOf(dtypes, kMeta, kCount, "float32")) {
+  if (!AllOf(dtypes, kX, kLayer, "float32") || !AllOf(dtypes, kCos, kValid, "float32") ||
+      !AllOf(dtypes, kValid, kMeta, "int32") || !AllOf(dtypes, kMeta, kCount, "float32")) {
     return 2;
   }
   const float *meta = static_cast<const float *>(params[kMeta]);
   Layer layer;
-  if (!layer.Read(params, ndims, shapes, kLayer, static_cast<int64_t>(meta[0])) || ndims[kX] != 2 ||
+  if (!layer.Read(params, ndims, shapes, dtypes, kLayer, static_cast<int64_t>(meta[0])) || ndims[kX] != 2 ||
       shapes[kX][1] != layer.hidden || shapes[kCos][1] != layer.dim) {
     return 3;
   }
-  NewTokens tokens;
-  tokens.batch = shapes[kX][0];
-  tokens.cos = static_cast<const float *>(params[kCos]);
-  tokens.sin = static_cast<const float *>(params[kSin]);
-  tokens.valid = static_cast<const int32_t *>(params[kValid]);
-  tokens.blocks = static_cast<const int32_t *>(params[kBlocks]);
-  tokens.slots = static_cast<const int32_t *>(params[kSlots]);
-  tokens.max_blocks = shapes[kBlocks][1];
-  tokens.block_size = static_cast<int64_t>(meta[2]);
-  DecodeLayer(layer, tokens, meta[1], static_cast<const float *>(params[kX]), static_cast<float *>(params[kOut]));
+  const int64_t batch = shapes[kX][0], max_blocks = shapes[kBlocks][1];
+  std::vector<const int32_t *> tables(batch);
+  for (int64_t b = 0; b < batch; ++b) tables[b] = static_cast<const int32_t *>(params[kBlocks]) + b * max_blocks;
+  const Tokens tokens{batch, static_cast<const float *>(params[kCos]), static_cast<const float *>(params[kSin]),
+                      static_cast<const int32_t *>(params[kValid]), tables.data(),
+                      static_cast<const int32_t *>(params[kSlots]), static_cast<int64_t>(meta[2])};
+  LayerForward(layer, tokens, meta[1], static_cast<const float *>(params[kX]), static_cast<float *>(params[kOut]));
   return 0;
 }
 
-// Greedy decoding of up to N tokens per sequence in one call, for a model whose every layer KnowLMDecodeLayer
-// computes: a decode step as one graph call adds MindSpore's graph entry and exit and Python on top of its kernels
-// (a sizeable part of a small model's step). Each step computes what a graph call of the decode-step
-// graph computes, with the same functions, so the tokens are the same.
+namespace {
+
+// A whole model's inputs to KnowLMForward and KnowLMDecodeSteps, after their own first `first` inputs: embedding (V, H);
+// cos, sin (P, D), the RoPE tables of all positions; final_norm (H); lm_head (V, H); meta float32 [heads, eps,
+// block_size, final norm eps]; then Layer::kCount inputs per layer. The embedding and lm_head may be float32,
+// bfloat16 or Q8_0 like the layers' projections.
+struct Model {
+  enum { kEmbedding, kCos, kSin, kNorm, kHead, kMeta, kLayers };
+  Matrix embedding, head;
+  const float *cos, *sin, *norm, *meta;
+  std::vector<Layer> layers;
+  int64_t positions, hidden, dim, vocab, block_size;
+
+  // 0, or the error code to return.
+  int Read(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int first) {
+    const int count = (nparam - first - kLayers - 1) / Layer::kCount;
+    if (count < 1 || first + kLayers + count * Layer::kCount + 1 != nparam) return 1;
+    if (!embedding.Set(params[first + kEmbedding], dtypes[first + kEmbedding], ndims[first + kEmbedding],
+                       shapes[first + kEmbedding]) ||
+        !head.Set(params[first + kHead], dtypes[first + kHead], ndims[first + kHead], shapes[first + kHead]) ||
+        !AllOf(dtypes, first + kCos, first + kHead, "float32") ||
+        !AllOf(dtypes, first + kMeta, first + kLayers, "float32")) {
+      return 2;
+    }
+    auto floats = [&](int i) { return static_cast<const float *>(params[first + i]); };
+    cos = floats(kCos), sin = floats(kSin), norm = floats(kNorm), meta = floats(kMeta);
+    if (!ReadLayers(layers, count, params, ndims, shapes, dtypes, first + kLayers, static_cast<int64_t>(meta[0]))) {
+      return 3;
+    }
+    positions = shapes[first + kCos][0], hidden = layers[0].hidden, dim = layers[0].dim, vocab = head.rows;
+    block_size = static_cast<int64_t>(meta[2]);
+    if (embedding.cols != hidden || head.cols != hidden || embedding.rows < vocab ||
+        shapes[first + kCos][1] != dim || shapes[first + kNorm][0] != hidden || block_size < 1) {
+      return 3;
+    }
+    return 0;
+  }
+
+  // Runs n new tokens (ids, positions, block tables) through every layer; x (n, hidden) ends as the last layer's
+  // output. False if an id, a position or its cache block is out of range.
+  bool Layers(int64_t n, const int32_t *ids, const int64_t *position, const int32_t *const *tables,
+              int64_t max_blocks, std::vector<float> &x) const {
+    std::vector<float> cos_rows(n * dim), sin_rows(n * dim);
+    std::vector<int32_t> valid(n), slots(n);
+    x.resize(n * hidden);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = position[i];
+      if (ids[i] < 0 || ids[i] >= embedding.rows || p < 0 || p >= positions || p / block_size >= max_blocks ||
+          tables[i][p / block_size] < 0) {
+        return false;
+      }
+      embedding.Widen(ids[i], &x[i * hidden]);
+      std::memcpy(&cos_rows[i * dim], cos + p * dim, dim * sizeof(float));
+      std::memcpy(&sin_rows[i * dim], sin + p * dim, dim * sizeof(float));
+      valid[i] = static_cast<int32_t>(p + 1);
+      slots[i] = static_cast<int32_t>(int64_t{tables[i][p / block_size]} * block_size + p % block_size);
+    }
+    const Tokens tokens{n, cos_rows.data(), sin_rows.data(), valid.data(), tables, slots.data(), block_size};
+    for (const Layer &layer : layers) LayerForward(layer, tokens, meta[1], x.data(), x.data());
+    return true;
+  }
+
+  // logits (rows, vocab) of the final norm and lm_head applied to x (rows, hidden).
+  void Logits(const float *x, int64_t rows, float *logits) const {
+    std::vector<float> normed(rows * hidden);
+    RmsNorm(x, norm, meta[3], rows, hidden, normed.data());
+    Linear(Helpers(), normed.data(), rows, {{head, logits}});
+  }
+};
+
+}  // namespace
+
+// A model for up to T new tokens of each of B sequences, their keys and values written into the cache: a prompt (or a
+// chunk of one after the chunks before it), or a decode step. Inputs: tokens (B, T) int32; starts (B,) int32, the
+// position of each sequence's first new token (= the tokens already in its cache); counts (B,) int32, its new tokens
+// (0 to T; 0: the sequence is left alone); block_tables (B, max_blocks) int32, covering every position written; then
+// Model's inputs. Output: logits (B, V) float32 of each sequence's last new token (zeros where counts is 0).
+extern "C" int KnowLMForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  enum { kTokens, kStarts, kCounts, kBlocks, kModel };
+  if (nparam <= kModel || !AllOf(dtypes, kTokens, kModel, "int32") || !AllOf(dtypes, nparam - 1, nparam, "float32") ||
+      ndims[kTokens] != 2 || ndims[kBlocks] != 2) {
+    return 2;
+  }
+  Model model;
+  if (const int error = model.Read(nparam, params, ndims, shapes, dtypes, kModel)) return error;
+  auto ints = [&](int i) { return static_cast<const int32_t *>(params[i]); };
+  const int64_t batch = shapes[kTokens][0], width = shapes[kTokens][1], max_blocks = shapes[kBlocks][1];
+  if (shapes[nparam - 1][0] != batch || shapes[nparam - 1][1] != model.vocab) return 3;
+  std::vector<int32_t> ids;
+  std::vector<int64_t> position, last;            // last: each sequence's last new token among the n, or -1
+  std::vector<const int32_t *> tables;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t count = ints(kCounts)[b], start = ints(kStarts)[b];
+    if (count < 0 || count > width || start < 0) return 4;
+    for (int64_t t = 0; t < count; ++t) {
+      ids.push_back(ints(kTokens)[b * width + t]);
+      position.push_back(start + t);
+      tables.push_back(ints(kBlocks) + b * max_blocks);
+    }
+    last.push_back(count > 0 ? static_cast<int64_t>(ids.size()) - 1 : -1);
+  }
+  float *out = static_cast<float *>(params[nparam - 1]);
+  std::fill(out, out + batch * model.vocab, 0.0f);
+  const int64_t n = static_cast<int64_t>(ids.size());
+  if (n == 0) return 0;
+  std::vector<float> x;
+  if (!model.Layers(n, ids.data(), position.data(), tables.data(), max_blocks, x)) return 4;
+  std::vector<float> rows;
+  std::vector<int64_t> which;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (last[b] < 0) continue;
+    rows.insert(rows.end(), &x[last[b] * model.hidden], &x[(last[b] + 1) * model.hidden]);
+    which.push_back(b);
+  }
+  std::vector<float> logits(which.size() * model.vocab);
+  model.Logits(rows.data(), static_cast<int64_t>(which.size()), logits.data());
+  for (size_t i = 0; i < which.size(); ++i) {
+    std::memcpy(out + which[i] * model.vocab, &logits[i * model.vocab], model.vocab * sizeof(float));
+  }
+  return 0;
+}
+
+// Greedy decoding of up to N tokens per sequence in one call: a decode step as one graph call adds MindSpore's graph
+// entry and exit and Python on top of its kernels (a sizeable part of a small model's step). Each step computes what
+// KnowLMForward computes for one new token per sequence, with the same functions, and takes the argmax.
 // Inputs: tokens (B,) int32, each sequence's last token; valid (B,) int32, its length with that token; steps (B,)
 // int32, at most this many new tokens for it (0: none); block_tables (B, max_blocks) int32, covering every position
-// written; eos (E,) int32: a sequence stops after one of these; embedding (V, H); cos, sin (P, D), the RoPE tables of
-// all positions; final_norm (H); lm_head (V, H); meta float32 [heads, eps, block_size, final norm eps]; then
-// Layer::kCount inputs per layer. Output: (B, N) int32, each sequence's new tokens, then -1.
+// written; eos (E,) int32: a sequence stops after one of these; then Model's inputs. Output: (B, N) int32, each
+// sequence's new tokens, then -1.
 extern "C" int KnowLMDecodeSteps(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
   (void)stream;
   (void)extra;
-  enum { kTokens, kValid, kSteps, kBlocks, kEos, kEmbedding, kCos, kSin, kNorm, kHead, kMeta, kLayers };
-  const int out_index = nparam - 1, layers = (nparam - kLayers - 1) / Layer::kCount;
-  if (layers < 1 || kLayers + layers * Layer::kCount + 1 != nparam) return 1;
-  if (!AllOf(dtypes, kTokens, kEmbedding, "int32") || !AllOf(dtypes, kEmbedding, out_index, "float32") ||
-      !AllOf(dtypes, out_index, nparam, "int32")) {
+  enum { kTokens, kValid, kSteps, kBlocks, kEos, kModel };
+  const int out_index = nparam - 1;
+  if (nparam <= kModel || !AllOf(dtypes, kTokens, kModel, "int32") || !AllOf(dtypes, out_index, nparam, "int32")) {
     return 2;
   }
+  Model model;
+  if (const int error = model.Read(nparam, params, ndims, shapes, dtypes, kModel)) return error;
   auto ints = [&](int i) { return static_cast<const int32_t *>(params[i]); };
-  auto floats = [&](int i) { return static_cast<const float *>(params[i]); };
-  const float *meta = floats(kMeta);
-  const int64_t batch = shapes[kTokens][0], width = shapes[out_index][1], vocab = shapes[kHead][0];
-  const int64_t positions = shapes[kCos][0], max_blocks = shapes[kBlocks][1];
-  const int64_t block_size = static_cast<int64_t>(meta[2]);
-  std::vector<Layer> weights(layers);
-  for (int l = 0; l < layers; ++l) {
-    if (!weights[l].Read(params, ndims, shapes, kLayers + l * Layer::kCount, static_cast<int64_t>(meta[0]))) return 3;
-  }
-  const int64_t hidden = weights[0].hidden, dim = weights[0].dim;
-  if (shapes[kEmbedding][1] != hidden || shapes[kHead][1] != hidden || shapes[kCos][1] != dim ||
-      shapes[kNorm][0] != hidden || block_size < 1) {
-    return 3;
-  }
+  const int64_t batch = shapes[kTokens][0], width = shapes[out_index][1], max_blocks = shapes[kBlocks][1];
+  const int32_t *eos = ints(kEos), *eos_end = eos + shapes[kEos][0];
   int32_t *out = static_cast<int32_t *>(params[out_index]);
   std::fill(out, out + batch * width, -1);
 
-  std::vector<int32_t> last(ints(kTokens), ints(kTokens) + batch), valid(batch), blocks(batch * max_blocks);
-  std::vector<int32_t> slots(batch);
-  std::vector<int64_t> rows;        // the sequences still decoding at this step
-  std::vector<float> x(batch * hidden), normed(batch * hidden), cos(batch * dim), sin(batch * dim);
-  std::vector<float> logits(batch * vocab);
+  std::vector<int32_t> last(ints(kTokens), ints(kTokens) + batch), ids;
+  std::vector<int64_t> rows, position;  // the sequences still decoding at this step
+  std::vector<const int32_t *> tables;
+  std::vector<float> x, logits;
   std::vector<bool> stopped(batch, false);
   for (int64_t step = 0; step < width; ++step) {
-    rows.clear();
+    rows.clear(), ids.clear(), position.clear(), tables.clear();
     for (int64_t r = 0; r < batch; ++r) {
-      if (!stopped[r] && step < ints(kSteps)[r]) rows.push_back(r);
+      if (stopped[r] || step >= ints(kSteps)[r]) continue;
+      rows.push_back(r);
+      ids.push_back(last[r]);
+      position.push_back(ints(kValid)[r] - 1 + step);
+      tables.push_back(ints(kBlocks) + r * max_blocks);
     }
     if (rows.empty()) break;
     const int64_t n = static_cast<int64_t>(rows.size());
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t r = rows[i], position = ints(kValid)[r] - 1 + step;
-      const int32_t *table = ints(kBlocks) + r * max_blocks;
-      if (last[r] < 0 || last[r] >= vocab || position < 0 || position >= positions ||
-          position / block_size >= max_blocks || table[position / block_size] < 0) {
-        return 4;
-      }
-      std::memcpy(&x[i * hidden], floats(kEmbedding) + int64_t{last[r]} * hidden, hidden * sizeof(float));
-      std::memcpy(&cos[i * dim], floats(kCos) + position * dim, dim * sizeof(float));
-      std::memcpy(&sin[i * dim], floats(kSin) + position * dim, dim * sizeof(float));
-      std::copy(table, table + max_blocks, &blocks[i * max_blocks]);
-      valid[i] = static_cast<int32_t>(position + 1);
-      slots[i] = static_cast<int32_t>(table[position / block_size] * block_size + position % block_size);
-    }
-    NewTokens tokens{n, cos.data(), sin.data(), valid.data(), blocks.data(), slots.data(), max_blocks, block_size};
-    for (const Layer &layer : weights) DecodeLayer(layer, tokens, meta[1], x.data(), x.data());
-    RmsNorm(x.data(), floats(kNorm), meta[3], n, hidden, normed.data());
-    Helpers().Run(Products(normed.data(), n, hidden).Add(floats(kHead), logits.data(), vocab));
+    if (!model.Layers(n, ids.data(), position.data(), tables.data(), max_blocks, x)) return 4;
+    logits.resize(n * model.vocab);
+    model.Logits(x.data(), n, logits.data());
     for (int64_t i = 0; i < n; ++i) {
       const int64_t r = rows[i];
-      last[r] = static_cast<int32_t>(Argmax(&logits[i * vocab], vocab));
+      last[r] = static_cast<int32_t>(Argmax(&logits[i * model.vocab], model.vocab));
       out[r * width + step] = last[r];
-      stopped[r] = std::find(ints(kEos), ints(kEos) + shapes[kEos][0], last[r]) != ints(kEos) + shapes[kEos][0];
+      stopped[r] = std::find(eos, eos_end, last[r]) != eos_end;
     }
   }
   return 0;
