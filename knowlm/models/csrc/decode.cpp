@@ -525,11 +525,20 @@ struct Attention : Job {
     // Few queries (a decode step): each score is a dot product; many: the keys are transposed once for all of them.
     const bool transpose = queries >= kTransposeQueries;
     const float *key_rows[kKeys], *rows[kKeys];
+    alignas(64) float scores[kKeys], weights[kKeys];
     for (int64_t p0 = 0; p0 < length; p0 += kKeys) {
       const int64_t n_keys = std::min(kKeys, length - p0);
-      for (int64_t j = 0; j < n_keys; ++j) {
-        key_rows[j] = keys + Slot(table, p0 + j) * dim;
-        rows[j] = values + Slot(table, p0 + j) * dim;
+      if (block_size % kKeys == 0) {     // the kKeys positions are consecutive rows of one cache block
+        const int64_t slot = Slot(table, p0);
+        for (int64_t j = 0; j < n_keys; ++j) {
+          key_rows[j] = keys + (slot + j) * dim;
+          rows[j] = values + (slot + j) * dim;
+        }
+      } else {
+        for (int64_t j = 0; j < n_keys; ++j) {
+          key_rows[j] = keys + Slot(table, p0 + j) * dim;
+          rows[j] = values + Slot(table, p0 + j) * dim;
+        }
       }
       if (transpose) {
         for (int64_t j = 0; j < kKeys; ++j) {
@@ -541,29 +550,31 @@ struct Attention : Job {
         const int64_t visible = std::min(n_keys, valid[token] - p0);
         if (visible <= 0) continue;
         const float *query = q + (token * heads + head) * dim;
-        Vec s = {};
         if (transpose) {
+          Vec s = {};
           for (int64_t d = 0; d < dim; ++d) s = Fma(Splat(query[d]), Load(&keys_t[d * kKeys]), s);
+          std::memcpy(scores, &s, sizeof(s));
         } else {
           for (int64_t j = 0; j < visible; ++j) {
             Vec products = {};
             for (int64_t d = 0; d < dim; d += kLanes) products = Fma(Load(query + d), Load(key_rows[j] + d), products);
-            s[j] = Sum(products);
+            scores[j] = Sum(products);
           }
         }
-        s *= scale;
         float top = -INFINITY;
-        for (int64_t j = 0; j < visible; ++j) top = std::max(top, s[j]);
+        for (int64_t j = 0; j < visible; ++j) top = std::max(top, scores[j] *= scale);
         float *st = &state[i * stride];
         const float best = std::max(st[0], top), correction = std::exp(st[0] - best);
-        Vec e = Exp(s - best);
-        for (int64_t j = visible; j < kKeys; ++j) e[j] = 0.0f;
+        const Vec e = Exp(Load(scores) - best);
+        std::memcpy(weights, &e, sizeof(e));
+        float total = 0.0f;
+        for (int64_t j = 0; j < visible; ++j) total += weights[j];
         st[0] = best;
-        st[1] = st[1] * correction + Sum(e);
+        st[1] = st[1] * correction + total;
         float *acc = st + 2;
         for (int64_t v = 0; v < vecs; ++v) {
           Vec a = Load(acc + v * kLanes) * correction;
-          for (int64_t j = 0; j < visible; ++j) a = Fma(Splat(e[j]), Load(rows[j] + v * kLanes), a);
+          for (int64_t j = 0; j < visible; ++j) a = Fma(Splat(weights[j]), Load(rows[j] + v * kLanes), a);
           std::memcpy(acc + v * kLanes, &a, sizeof(a));
         }
       }
