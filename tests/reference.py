@@ -12,7 +12,17 @@ import transformers
 
 from knowlm.checkpoints import hf
 from knowlm.errors import KnowLMError
+from knowlm.models.packaged import PACKAGED_MODELS
 from knowlm.tokenizer.spm import BUILTIN_TOKENIZER
+
+# The real model's tests (SmolLM2-135M-Instruct): skipped where its package is not installed; a chat with end-of-turn
+# tokens (<|im_end|>, SmolLM2's pad id) in the middle.
+SMOLLM2 = PACKAGED_MODELS["smollm2"]
+needs_smollm2 = pytest.mark.skipif(__import__("importlib").util.find_spec(SMOLLM2.package) is None,
+                                   reason=f"the real model: {SMOLLM2.pip}")
+CHAT = [{"role": "system", "content": "You are a geography teacher."},
+        {"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Japan? Tell me about that city."}]
 
 # Same shape as the "tiny" preset, so the builtin 1000-piece tokenizer fits it.
 TINY_HF = dict(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,

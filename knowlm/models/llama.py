@@ -202,8 +202,10 @@ class KnowLMForCausalLM(LlamaForCausalLM):
                 _use_portable_kv_cache(self)
             if ms.get_context("device_target") == "CPU":
                 self.kernel_library = _use_cpu_kernels(self)
-        if weight_dtypes(self) != ("Float32",) and self.__dict__.get("forward_kernel") is None:
-            raise KnowLMError(f"weights stored as {', '.join(weight_dtypes(self))} run on knowlm's CPU kernels only "
+        # Once: the weights' storage is settled by loading, and generate keys its compile cache by it.
+        self.__dict__["stored_dtypes"] = weight_dtypes(self)
+        if self.stored_dtypes != ("Float32",) and self.__dict__.get("forward_kernel") is None:
+            raise KnowLMError(f"weights stored as {', '.join(self.stored_dtypes)} run on knowlm's CPU kernels only "
                               "(use_past=True, a C++ compiler); convert the model with --dtype fp32 to run it here")
 
     def load_checkpoint(self, config):
@@ -282,7 +284,7 @@ class KnowLMForCausalLM(LlamaForCausalLM):
         greedy = greedy_config(self, generation_config, logits_processor, kwargs)
         # knowlm's greedy loop and MindFormers' compile different graphs, and graphs over bf16 or Q8_0 weights
         # differ from float32 ones: part of the compile cache's key.
-        with compile_cache(self.config, self.kernel_library, graphs=(batch, greedy is not None, weight_dtypes(self))):
+        with compile_cache(self.config, self.kernel_library, graphs=(batch, greedy is not None, self.stored_dtypes)):
             if greedy is not None:
                 return greedy_search(self, np.reshape(input_ids, (batch, width)), greedy, streamer)
             return super().generate(input_ids, generation_config=generation_config,

@@ -14,14 +14,10 @@ from knowlm import KnowLMForCausalLM
 from knowlm.checkpoints.convert import export_checkpoint
 from knowlm.checkpoints.gguf import convert_gguf
 from knowlm.models.llama import weight_dtypes
-from knowlm.models.packaged import PACKAGED_MODELS, packaged_gguf, packaged_model_dir
+from knowlm.models.packaged import packaged_gguf, packaged_model_dir
+from reference import CHAT, needs_smollm2
 
-SPEC = PACKAGED_MODELS["smollm2"]
-pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec(SPEC.package) is None,
-                                reason=f"the real model: {SPEC.pip}")
-CHAT = [{"role": "system", "content": "You are a geography teacher."},
-        {"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."},
-        {"role": "user", "content": "And of Japan? Tell me about that city."}]
+pytestmark = needs_smollm2
 
 
 def chat_ids(tokenizer, messages=CHAT):

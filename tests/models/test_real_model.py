@@ -12,15 +12,11 @@ import torch
 from knowlm import KnowLMConfig, KnowLMForCausalLM
 from knowlm.generate import generate
 from knowlm.models.load import load_model
-from knowlm.models.packaged import PACKAGED_MODELS, packaged_model_dir
+from knowlm.models.packaged import packaged_model_dir
 from knowlm.tokenizer.chat import apply_chat_template
+from reference import CHAT, needs_smollm2
 
-SPEC = PACKAGED_MODELS["smollm2"]
-pytestmark = pytest.mark.skipif(__import__("importlib").util.find_spec(SPEC.package) is None,
-                                reason=f"the real model: {SPEC.pip}")
-CHAT = [{"role": "system", "content": "You are a geography teacher."},
-        {"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."},
-        {"role": "user", "content": "And of Japan? Tell me about that city."}]
+pytestmark = needs_smollm2
 SEQ_LENGTH = 128
 
 

@@ -253,8 +253,9 @@ struct Job {
   virtual ~Job() = default;
 };
 
-// y_s (M, N_s) = x (M, K) . w_s (N_s, K)^T for up to three weights sharing x (q/k/v, gate/up) and a few rows M (one
-// new token per sequence), split between the threads by groups of kRows weight rows.
+// y_s (M, N_s) = x (M, K) . w_s (N_s, K)^T for up to three weights sharing x (q/k/v, gate/up): what `Gemv` (a few
+// rows M) and `Gemm` (many) compute.
+using Outputs = std::initializer_list<std::pair<Matrix, float *>>;
 struct Products : Job {
   static constexpr int kMax = 3;
   const float *x;
@@ -263,14 +264,20 @@ struct Products : Job {
   Matrix w[kMax];
   float *y[kMax];
 
-  Products(const float *x_, int64_t m_rows_, int64_t k_len_) : x(x_), m_rows(m_rows_), k_len(k_len_) {}
+  Products(const float *x_, int64_t m_rows_, Outputs outputs)
+      : x(x_), m_rows(m_rows_), k_len(outputs.begin()->first.cols) {
+    for (const auto &[weight, out] : outputs) {
+      w[count] = weight;
+      y[count] = out;
+      ++count;
+    }
+  }
+};
 
-  Products &Add(const Matrix &weight, float *out) {
-    OnHugePages(weight.data, weight.rows * weight.row_bytes);
-    w[count] = weight;
-    y[count] = out;
-    ++count;
-    return *this;
+// Products for a few rows M (one new token per sequence), split between the threads by groups of kRows weight rows.
+struct Gemv : Products {
+  Gemv(const float *x_, int64_t m_rows_, Outputs outputs) : Products(x_, m_rows_, outputs) {
+    for (int s = 0; s < count; ++s) OnHugePages(w[s].data, w[s].rows * w[s].row_bytes);
   }
 
   // Float32 weight rows first..first + kRows of weight s against every row of x, one sum per row.
@@ -393,22 +400,10 @@ struct Products : Job {
 // llama.cpp): each kNr weight rows (widened into float32 once per kGroup rows if stored narrower) against each kMr rows
 // of x, a register tile of kMr x kNr vector sums along k, then one sum across lanes per output. The threads share
 // groups of kGroup weight rows.
-struct Gemm : Job {
-  static constexpr int kMax = 3, kMr = 6, kNr = 4, kGroup = 4 * kNr;
-  const float *x;
-  int64_t m_rows, k_len;
-  int count = 0;
-  Matrix w[kMax];
-  float *y[kMax];
+struct Gemm : Products {
+  static constexpr int kMr = 6, kNr = 4, kGroup = 4 * kNr;
 
-  Gemm(const float *x_, int64_t m_rows_, int64_t k_len_) : x(x_), m_rows(m_rows_), k_len(k_len_) {}
-
-  Gemm &Add(const Matrix &weight, float *out) {
-    w[count] = weight;
-    y[count] = out;
-    ++count;
-    return *this;
-  }
+  Gemm(const float *x_, int64_t m_rows_, Outputs outputs) : Products(x_, m_rows_, outputs) {}
 
   template <int MR, int NR>
   void Tile(const float *xm, const float *rows, float *out, int64_t ldy) const {
@@ -809,15 +804,11 @@ constexpr int64_t kGemvRows = 8;
 
 
 // y = x (rows, width) . w^T for each (w, y) pair sharing x.
-void Linear(Pool &pool, const float *x, int64_t rows, std::initializer_list<std::pair<Matrix, float *>> outputs) {
+void Linear(Pool &pool, const float *x, int64_t rows, Outputs outputs) {
   if (rows <= kGemvRows) {
-    Products job(x, rows, outputs.begin()->first.cols);
-    for (const auto &[w, y] : outputs) job.Add(w, y);
-    pool.Run(job);
+    pool.Run(Gemv(x, rows, outputs));
   } else {
-    Gemm job(x, rows, outputs.begin()->first.cols);
-    for (const auto &[w, y] : outputs) job.Add(w, y);
-    pool.Run(job);
+    pool.Run(Gemm(x, rows, outputs));
   }
 }
 
