@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from mindspore import Tensor
 
 from knowlm import KnowLMForCausalLM
 from knowlm.checkpoints.convert import export_checkpoint
@@ -93,3 +94,46 @@ def test_narrow_weights_are_widened_to_float32_for_a_model_without_the_kv_cache(
     _, model_dir, _ = narrow
     model = KnowLMForCausalLM.from_pretrained(model_dir, use_past=False, seq_length=64)
     assert weight_dtypes(model) == ("Float32",)
+
+
+def forward_logits(forward, rows, steps=3):
+    """Each row's logits after its prompt (one ``Forward`` call for all rows) and after each of ``steps`` decode
+    steps (one call each), the rows given the blocks of their own part of the cache."""
+    blocks = -(-max(len(ids) + steps for ids in rows) // forward.block_size)
+    tables = np.arange(len(rows) * blocks, dtype=np.int32).reshape(len(rows), blocks)
+    ints = lambda values: Tensor(np.asarray(values, np.int32))     # noqa: E731
+    tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    for row, ids in enumerate(rows):
+        tokens[row, :len(ids)] = ids
+    lengths = np.array([len(ids) for ids in rows])
+    out = [forward(ints(tokens), ints(np.zeros(len(rows))), ints(lengths), ints(tables)).asnumpy()]
+    for _ in range(steps):
+        last = out[-1].argmax(-1)
+        out.append(forward(ints(last[:, None]), ints(lengths), ints(np.ones(len(rows))), ints(tables)).asnumpy())
+        lengths = lengths + 1
+    return np.stack(out, 1)        # (rows, steps + 1, vocab)
+
+
+PROMPTS = ["Who wrote Hamlet?", "Name three rivers in China.", "2+2=", "翻译成英文：你好", "Hi",
+           "List the planets of the solar system in order from the sun, with one fact about each.",
+           "Why is the sky blue?", "Write a haiku.", "Paris is", "What is DNA?", "Count to ten.", "Bye"]
+
+
+def assert_rows_alone_equal_rows_together(model_dir, tokenizer):
+    model = KnowLMForCausalLM.from_pretrained(model_dir, use_past=True, seq_length=256)
+    forward = model.__dict__["forward_kernel"]
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": text}]) for text in PROMPTS]
+    together = forward_logits(forward, prompts)
+    for row in (0, 5, 11):
+        assert np.array_equal(forward_logits(forward, [prompts[row]])[0], together[row]), row
+
+
+def test_a_rows_logits_are_bitwise_the_same_alone_and_among_eleven_other_rows(smollm2_reference):
+    """Batch invariance: one row alone runs the few-row products, twelve rows the blocked ones (prompt tokens and
+    decode steps); every product sums in one order, so the logits are equal to the bit (what lets ``knowlm serve``
+    batch requests together and still give each the tokens ``knowlm generate`` gives it)."""
+    assert_rows_alone_equal_rows_together(packaged_model_dir("smollm2"), smollm2_reference[1])
+
+
+def test_bf16_and_int8_rows_are_bitwise_the_same_alone_and_among_eleven_other_rows(narrow, smollm2_reference):
+    assert_rows_alone_equal_rows_together(narrow[1], smollm2_reference[1])

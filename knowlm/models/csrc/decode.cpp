@@ -56,7 +56,6 @@ constexpr int kRows = 8;
 // were tuned on, short rows read faster as one stream and long rows faster interleaved (the README has the figures).
 constexpr int64_t kShortRow = 1024;
 constexpr int64_t kAhead = 2048;
-constexpr int kUnroll = 4;
 // How long a helper yields, waiting for the next job, before it sleeps: long enough to stay awake through the
 // other ops between two jobs of a decode step (waking a sleeping thread costs tens of microseconds, a product of
 // the small benchmark config 50-150), short enough to leave the cores alone once decoding stops.
@@ -67,16 +66,6 @@ inline Vec Load(const float *p) {
   Vec v;
   std::memcpy(&v, p, sizeof(v));   // unaligned load; compiles to one vector move
   return v;
-}
-
-inline float Dot(const float *a, const float *b, int64_t n) {
-  Vec acc = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) acc += Load(a + i) * Load(b + i);
-  float sum = 0.0f;
-  for (int lane = 0; lane < kLanes; ++lane) sum += acc[lane];
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
 }
 
 inline Vec Fma(Vec a, Vec b, Vec c) {      // a * b + c, fused where the target has it
@@ -98,6 +87,16 @@ inline float Sum(Vec v) {
 }
 
 inline Vec Splat(float value) { return Vec{} + value; }
+
+// One dot product in the order every product here takes (see `Products`).
+inline float Dot(const float *a, const float *b, int64_t n) {
+  Vec acc = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) acc = Fma(Load(a + i), Load(b + i), acc);
+  float sum = Sum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
 
 // e^x (x clamped to [-87, 88]: softmax and SiLU arguments), Cephes' expf: 2^n * p(r), r = x - n ln 2 in
 // [-ln2/2, ln2/2], a few ulp.
@@ -254,7 +253,10 @@ struct Job {
 };
 
 // y_s (M, N_s) = x (M, K) . w_s (N_s, K)^T for up to three weights sharing x (q/k/v, gate/up): what `Gemv` (a few
-// rows M) and `Gemm` (many) compute.
+// rows M) and `Gemm` (many) compute. Every output is one dot product in one order, whatever the path, the rows beside
+// it or the thread: fused multiply-adds of kLanes lanes along k, one lane sum (`Sum`), then the last k % kLanes
+// products (`Dot`). So a sequence's logits do not depend on what else is in its batch: a server batching requests
+// together gives each the tokens it gets alone.
 using Outputs = std::initializer_list<std::pair<Matrix, float *>>;
 struct Products : Job {
   static constexpr int kMax = 3;
@@ -295,38 +297,22 @@ struct Gemv : Products {
         const Vec xv = Load(xm + k);
         for (int r = 0; r < R; ++r) {
           __builtin_prefetch(ahead + r * k_len + k, 0, 2);
-          acc[r] += Load(rows + r * k_len + k) * xv;
+          acc[r] = Fma(Load(rows + r * k_len + k), xv, acc[r]);
         }
       }
       for (int r = 0; r < R; ++r) {
-        float sum = 0.0f;
-        for (int lane = 0; lane < kLanes; ++lane) sum += acc[r][lane];
+        float sum = Sum(acc[r]);
         for (int64_t j = k; j < k_len; ++j) sum += rows[r * k_len + j] * xm[j];
         y[s][m * w[s].rows + first + r] = sum;
       }
     }
   }
 
-  // Float32 weight row `r` of weight s against every row of x, kUnroll independent sums.
+  // Float32 weight row `r` of weight s against every row of x.
   void Row(int s, int64_t r) const {
     const float *row = w[s].Floats() + r * k_len;
-    for (int64_t m = 0; m < m_rows; ++m) {
-      const float *xm = x + m * k_len;
-      Vec acc[kUnroll] = {};
-      int64_t k = 0;
-      for (; k + kUnroll * kLanes <= k_len; k += kUnroll * kLanes) {
-        for (int u = 0; u < kUnroll; ++u) {
-          __builtin_prefetch(row + k + u * kLanes + kAhead, 0, 2);
-          acc[u] += Load(row + k + u * kLanes) * Load(xm + k + u * kLanes);
-        }
-      }
-      for (; k + kLanes <= k_len; k += kLanes) acc[0] += Load(row + k) * Load(xm + k);
-      const Vec total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-      float sum = 0.0f;
-      for (int lane = 0; lane < kLanes; ++lane) sum += total[lane];
-      for (; k < k_len; ++k) sum += row[k] * xm[k];
-      y[s][m * w[s].rows + r] = sum;
-    }
+    for (int64_t k = 0; k < k_len; k += kLanes) __builtin_prefetch(row + k + kAhead, 0, 2);
+    for (int64_t m = 0; m < m_rows; ++m) y[s][m * w[s].rows + r] = Dot(row, x + m * k_len, k_len);
   }
 
   // bfloat16 or Q8_0 weight rows first..first + R of weight s against every row of x: each weight widened as it
@@ -353,8 +339,10 @@ struct Gemv : Products {
           for (int r = 0; r < R; ++r) {
             const uint8_t *block = rows + r * m_w.row_bytes + b * kQ8Bytes;
             __builtin_prefetch(ahead + (block - rows), 0, 2);
-            const Vec part = Fma(LoadQ8(block + 2), x0, LoadQ8(block + 2 + kLanes) * x1);
-            acc[r] = Fma(part, Splat(Half(block)), acc[r]);
+            // Each weight d * q (exact in float32) times x, as the widened rows of `Gemm` take it.
+            const Vec d = Splat(Half(block));
+            acc[r] = Fma(LoadQ8(block + 2) * d, x0, acc[r]);
+            acc[r] = Fma(LoadQ8(block + 2 + kLanes) * d, x1, acc[r]);
           }
         }
       }
