@@ -4,6 +4,7 @@ Verbs import what they use when they run, so that ``knowlm --help`` and ``--vers
 need no model (evaluate, kg2instruct, rank-table) never load MindSpore.
 """
 import argparse
+import os
 import sys
 
 from knowlm import __version__
@@ -59,6 +60,37 @@ def add_generate(verbs):
     chat.add_argument("--template", choices=["alpaca", "llama2"],
                       help="each prompt inside KnowLM's Alpaca or OneKE's LLaMA-2 [INST] template")
     gen.set_defaults(run=cmd_generate)
+
+
+def cmd_serve(args):
+    _frameworks(args)
+    from knowlm.serve.server import serve
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+          api_key=args.api_key or os.environ.get("KNOWLM_API_KEY") or None, lora=args.lora, ctx_size=args.ctx_size,
+          kv_tokens=args.kv_tokens, model_name=args.model_name, shutdown_timeout=args.shutdown_timeout)
+
+
+def add_serve(verbs):
+    srv = verbs.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, streaming, "
+                                         "/v1/extract, /metrics)")
+    srv.add_argument("--model", default="smollm2", help="model directory, 'smollm2' (the packaged real model), yaml "
+                                                        "file or pipeline name; default: smollm2")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on; default 127.0.0.1 (this machine "
+                                                         "only)")
+    srv.add_argument("--port", type=int, default=8000, help="default 8000; 0: any free port (printed)")
+    srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together; default 16")
+    srv.add_argument("--max-queue", type=int, default=64,
+                     help="requests waiting for a row beyond --max-batch; more get HTTP 503; default 64")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (also $KNOWLM_API_KEY)")
+    srv.add_argument("--lora", help="an adapter directory merged into --model's weights before serving")
+    srv.add_argument("--ctx-size", type=int, help="positions per request (prompt + answer); default: the model's "
+                                                  "(512 for smollm2)")
+    srv.add_argument("--kv-tokens", type=int, help="KV-cache tokens shared by all requests; default one context "
+                                                   "per batch row, at most 16384")
+    srv.add_argument("--model-name", help="the name clients use for it; default the --model folder's name")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish after SIGTERM; default 30")
+    srv.set_defaults(run=cmd_serve)
 
 
 def cmd_convert(args):
@@ -346,7 +378,7 @@ def build_parser():
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     parser.add_argument("--verbose", action="store_true", help="show MindSpore's and MindFormers' log messages")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    for add in (add_quickstart, add_generate, add_training, add_ie, add_checkpoints):
+    for add in (add_quickstart, add_generate, add_serve, add_training, add_ie, add_checkpoints):
         add(verbs)
     for verb in verbs.choices.values():     # also after the verb; SUPPRESS keeps a value given before it
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -59,10 +59,16 @@ def load_schema(path, task):
         schema = json.loads(read_text(path, f"a schema file: a JSON list of {_ITEM[task]}"))
     except json.JSONDecodeError as err:
         raise KnowLMError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
-    lists = schema.values() if isinstance(schema, dict) else [schema]
+    return check_schema(schema, task, path)
+
+
+def check_schema(schema, task, where):
+    """``schema`` (what a schema file holds, parsed), if it is one for ``task``; else ``KnowLMError`` naming
+    ``where``."""
+    lists = schema.values() if isinstance(schema, dict) and schema else [schema]
     for items in lists:
         if not isinstance(items, list) or not items or not all(_valid_item(task, item) for item in items):
-            raise KnowLMError(f"{path}: expected a non-empty JSON list of {_ITEM[task]}, or an object of such "
+            raise KnowLMError(f"{where}: expected a non-empty JSON list of {_ITEM[task]}, or an object of such "
                               "lists keyed by language (zh, en)")
     return schema
 
