@@ -2,7 +2,7 @@
 model, precision and context, with 1, 4 and 16 concurrent clients.
 
     python bench/serve.py [--precision fp32|bf16|int8] [--ctx 8192] [--clients 1,4,16] [--requests 2]
-                          [--max-tokens 64] [--rounds 2] [--out DIR] [--quick]
+                          [--max-tokens 64] [--rounds 2] [--llama-server PATH] [--out DIR] [--quick]
 
 The model is SmolLM2-135M-Instruct as ``bench/real.py`` prepares it (``bench/real_prepare.py``): knowlm's packaged
 directory (or ``knowlm convert --dtype``) and llama.cpp's own conversion of the same weights. Both servers run at once
@@ -15,7 +15,9 @@ Reported per engine and concurrency: aggregate generated tokens/s (all clients' 
 time to first token and per-token latency (a request's time from its first to its last token / its tokens - 1),
 and at the end each server's peak RSS. The hardware bound is one sequence's decode at the memory read bandwidth (its
 weights read once per token): tokens/s a single client cannot pass. llama.cpp's Python server answers one request at
-a time (no batching); llama.cpp's C++ ``llama-server`` batches, but is not what the pip package ships.
+a time (no batching). ``--llama-server PATH`` adds llama.cpp's C++ server, which batches (continuous batching over
+``--parallel`` slots, one per client at most; not in the pip package: build it from the llama.cpp source the
+llama-cpp-python sdist vendors, ``cmake --build BUILD --target llama-server``), as a third engine.
 Writes ``serve.json`` to ``--out`` and ends with a one-line summary.
 """
 import argparse
@@ -128,6 +130,14 @@ def start_llama(gguf, ctx, extra_bufts, workdir):
     return Server("llama.cpp", argv, workdir / "llama.log").wait(f"http://127.0.0.1:{port}")
 
 
+def start_llama_server(binary, gguf, ctx, slots, workdir):
+    """llama.cpp's C++ server: ``slots`` sequences decoded together, sharing one ``ctx``-token KV cache."""
+    port = free_port()
+    argv = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx), "-np", str(slots),
+            "--kv-unified", "-t", THREADS, "-tb", THREADS, "-b", "2048", "-ub", "512", "--jinja", "--no-webui"]
+    return Server("llama-server", argv, workdir / "llama-server.log").wait(f"http://127.0.0.1:{port}")
+
+
 def one_request(base, question, max_tokens):
     """``(tokens, time to first token, seconds per later token)`` of one streamed greedy chat completion."""
     body = {"model": "smollm2", "messages": [{"role": "user", "content": question}], "temperature": 0,
@@ -180,15 +190,17 @@ def summarise(run):
             "tpot_p50_s": percentile(run["tpot_s"], 50), "tpot_p99_s": percentile(run["tpot_s"], 99)}
 
 
-def table(results, clients) -> str:
-    lines = [f"{'clients':>7} {'engine':>9} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} {'ms/tok p50':>10} {'p99':>7}"]
+def table(results, clients, engines) -> str:
+    lines = [f"{'clients':>7} {'engine':>12} {'tok/s':>7} {'TTFT p50':>9} {'p99':>7} {'ms/tok p50':>10} {'p99':>7}"]
     for count in clients:
-        for engine in ("knowlm", "llama.cpp"):
-            row = results[str(count)][engine]
-            lines.append(f"{count:>7} {engine:>9} {row['tokens_per_s']:7.1f} {row['ttft_p50_s']:8.3f}s "
+        rows = results[str(count)]
+        for engine in engines:
+            row = rows[engine]
+            lines.append(f"{count:>7} {engine:>12} {row['tokens_per_s']:7.1f} {row['ttft_p50_s']:8.3f}s "
                          f"{row['ttft_p99_s']:6.3f}s {row['tpot_p50_s'] * 1e3:10.1f} {row['tpot_p99_s'] * 1e3:7.1f}")
-        ratio = results[str(count)]["knowlm"]["tokens_per_s"] / results[str(count)]["llama.cpp"]["tokens_per_s"]
-        lines.append(f"{count:>7} {'knowlm/llama.cpp tokens/s':>27}: {ratio:.2f}x")
+        for peer in engines[1:]:
+            ratio = rows["knowlm"]["tokens_per_s"] / rows[peer]["tokens_per_s"]
+            lines.append(f"{count:>7} {'knowlm/' + peer + ' tokens/s':>33}: {ratio:.2f}x")
     return "\n".join(lines)
 
 
@@ -200,6 +212,7 @@ def main(argv=None):
     parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--llama-server", help="a built llama.cpp llama-server binary: a third engine")
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--quick", action="store_true", help="one round, clients 1 and 4, 1 request each")
     args = parser.parse_args(argv)
@@ -215,6 +228,9 @@ def main(argv=None):
     knowlm = start_knowlm(models["knowlm", args.precision], args.ctx, max(clients), workdir)
     llama = start_llama(models["llama.cpp", args.precision], args.ctx, extra_bufts, workdir)
     servers = {"knowlm": knowlm, "llama.cpp": llama}
+    if args.llama_server:
+        servers["llama-server"] = start_llama_server(args.llama_server, models["llama.cpp", args.precision], args.ctx,
+                                                     max(clients), workdir)
     import torch  # the bandwidth probe (bench/run.py's)
     run = bench_module("run")
     bandwidth = [run.huge_page_read(torch)]
@@ -223,7 +239,8 @@ def main(argv=None):
     results = {str(count): {} for count in clients}
     for r in range(rounds):
         for count in clients:
-            order = list(servers) if (r + clients.index(count)) % 2 == 0 else list(servers)[::-1]
+            turn = r + clients.index(count)          # rotates the engines' order
+            order = list(servers)[turn % len(servers):] + list(servers)[:turn % len(servers)]
             for name in order:
                 measured = summarise(workload(servers[name].base, count, requests, args.max_tokens))
                 best = results[str(count)].get(name)
@@ -236,7 +253,7 @@ def main(argv=None):
         server.stop()
     health_bytes = sum(p.stat().st_size for p in Path(models["knowlm", args.precision]).glob("*.ckpt"))
     bound = max(bandwidth) / health_bytes
-    print(table(results, clients))
+    print(table(results, clients, list(servers)))
     print(f"hardware bound, one sequence's decode (weights {health_bytes / 1e6:.0f} MB at {max(bandwidth) / 1e9:.1f} "
           f"GB/s): {bound:.1f} tokens/s")
     print("peak RSS: " + ", ".join(f"{name} {peak / 2**30:.2f} GiB" for name, peak in peaks.items()))
@@ -247,10 +264,12 @@ def main(argv=None):
               "read_bytes_per_s": bandwidth, "single_sequence_bound_tokens_per_s": bound}
     (out / "serve.json").write_text(json.dumps(report, indent=1))
     top, single = str(max(clients)), str(min(clients))
-    k, lc = results[top]["knowlm"]["tokens_per_s"], results[top]["llama.cpp"]["tokens_per_s"]
+    rates = {name: results[top][name]["tokens_per_s"] for name in servers}
+    k = rates["knowlm"]
+    peers = ", ".join(f"{k / rates[peer]:.2f}x {peer}'s ({rates[peer]:.1f})" for peer in list(servers)[1:])
     print(f"serve: {args.precision}, ctx {args.ctx}: knowlm {k:.1f} tok/s at {top} clients = "
-          f"{k / results[single]['knowlm']['tokens_per_s']:.2f}x its {single}-client rate, "
-          f"{k / lc:.2f}x llama.cpp's server ({lc:.1f}); {out / 'serve.json'}")
+          f"{k / results[single]['knowlm']['tokens_per_s']:.2f}x its {single}-client rate, {peers}; "
+          f"{out / 'serve.json'}")
     return 0
 
 

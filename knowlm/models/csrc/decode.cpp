@@ -50,12 +50,6 @@
 namespace {
 
 constexpr int kLanes = 16;
-constexpr int kRows = 8;
-// Rows of up to kShortRow values are read one after another, as one sequential stream, kAhead values prefetched ahead
-// into L2; longer ones kRows at a time (a last group of fewer rows one after another): on the machine the kernels
-// were tuned on, short rows read faster as one stream and long rows faster interleaved (the README has the figures).
-constexpr int64_t kShortRow = 1024;
-constexpr int64_t kAhead = 2048;
 // How long a helper yields, waiting for the next job, before it sleeps: long enough to stay awake through the
 // other ops between two jobs of a decode step (waking a sleeping thread costs tens of microseconds, a product of
 // the small benchmark config 50-150), short enough to leave the cores alone once decoding stops.
@@ -192,32 +186,31 @@ struct Matrix {
   const uint8_t *Row(int64_t r) const { return data + r * row_bytes; }
   const float *Floats() const { return reinterpret_cast<const float *>(data); }
 
-  // Row r as float32 values.
+  // Row r as float32 values (exactly: bfloat16 is float32's upper half, a Q8_0 weight d * q is exact in float32).
   void Widen(int64_t r, float *out) const {
     const uint8_t *row = Row(r);
     if (type == kFloat32) {
       std::memcpy(out, row, cols * sizeof(float));
+    } else if (type == kBFloat16 && cols % kLanes == 0) {
+      for (int64_t k = 0; k < cols; k += kLanes) {
+        const Vec v = LoadBF16(row + 2 * k);
+        std::memcpy(out + k, &v, sizeof(v));
+      }
+    } else if (type == kQ8) {
+      for (int64_t b = 0; b < cols / kQ8Values; ++b) {
+        const uint8_t *block = row + b * kQ8Bytes;
+        const Vec d = Splat(Half(block)), lo = LoadQ8(block + 2) * d, hi = LoadQ8(block + 2 + kLanes) * d;
+        std::memcpy(out + b * kQ8Values, &lo, sizeof(lo));
+        std::memcpy(out + b * kQ8Values + kLanes, &hi, sizeof(hi));
+      }
     } else if (type == kBFloat16) {
       for (int64_t k = 0; k < cols; ++k) {
         const uint32_t bits = uint32_t{reinterpret_cast<const uint16_t *>(row)[k]} << 16;
         std::memcpy(out + k, &bits, sizeof(float));
       }
-    } else {
-      for (int64_t b = 0; b < cols / kQ8Values; ++b) {
-        const uint8_t *block = row + b * kQ8Bytes;
-        const float scale = Half(block);
-        for (int64_t k = 0; k < kQ8Values; ++k) {
-          out[b * kQ8Values + k] = scale * static_cast<float>(static_cast<int8_t>(block[2 + k]));
-        }
-      }
     }
   }
 };
-
-// Whether a weight of this type and width has a vector path (else its products run Widen + float32).
-inline bool Vectorizable(const Matrix &w) {
-  return w.type == kFloat32 || (w.type == kBFloat16 && w.cols % kLanes == 0) || w.type == kQ8;
-}
 
 // Asks Linux to keep a weight on 2 MB pages, once per weight. A decode step reads every weight once, and on 4 KB pages
 // every 4 KB is a TLB miss: ~25 000 per token for the small benchmark model's layers, whose weights (1-3 MB) MindSpore
@@ -252,14 +245,37 @@ struct Job {
   virtual ~Job() = default;
 };
 
+// Weight rows for the product tiles: float32 rows (a float32 weight, or rows widened into a buffer), or narrow rows
+// widened in registers as they load (exactly the values `Matrix::Widen` writes).
+struct FloatRows {
+  const float *rows;
+  int64_t k_len;
+  Vec Load(int n, int64_t k) const { return ::Load(rows + n * k_len + k); }
+  float At(int n, int64_t k) const { return rows[n * k_len + k]; }
+};
+
+struct NarrowRows {      // bfloat16 rows, or Q8_0 rows; k a multiple of kLanes, no tail
+  const Matrix &w;
+  int64_t first;
+  Vec Load(int n, int64_t k) const {
+    const uint8_t *row = w.Row(first + n);
+    if (w.type == kBFloat16) return LoadBF16(row + 2 * k);
+    const uint8_t *block = row + k / kQ8Values * kQ8Bytes;
+    return LoadQ8(block + 2 + k % kQ8Values) * Splat(Half(block));
+  }
+  float At(int, int64_t) const { return 0.0f; }
+};
+
 // y_s (M, N_s) = x (M, K) . w_s (N_s, K)^T for up to three weights sharing x (q/k/v, gate/up): what `Gemv` (a few
-// rows M) and `Gemm` (many) compute. Every output is one dot product in one order, whatever the path, the rows beside
-// it or the thread: fused multiply-adds of kLanes lanes along k, one lane sum (`Sum`), then the last k % kLanes
-// products (`Dot`). So a sequence's logits do not depend on what else is in its batch: a server batching requests
-// together gives each the tokens it gets alone.
+// rows M) and `Gemm` (many) compute, both by the same register tiles (as llamafile's tinyBLAS does for llama.cpp, in
+// the layout the weights have): each kNr weight rows (widened into float32 first if stored narrower) against each kMr
+// rows of x, kMr x kNr vector sums along k, then one sum across lanes per output. So every output is one dot product
+// in one order, whatever the path, the rows beside it or the thread: fused multiply-adds of kLanes lanes along k, one
+// lane sum (`Sum`), then the last k % kLanes products (as `Dot`). A sequence's logits do not depend on what else is in
+// its batch: a server batching requests together gives each the tokens it gets alone.
 using Outputs = std::initializer_list<std::pair<Matrix, float *>>;
 struct Products : Job {
-  static constexpr int kMax = 3;
+  static constexpr int kMax = 3, kMr = 6, kNr = 4;
   const float *x;
   int64_t m_rows, k_len;
   int count = 0;
@@ -274,59 +290,100 @@ struct Products : Job {
       ++count;
     }
   }
-};
 
-// Products for a few rows M (one new token per sequence), split between the threads by groups of kRows weight rows.
-struct Gemv : Products {
-  Gemv(const float *x_, int64_t m_rows_, Outputs outputs) : Products(x_, m_rows_, outputs) {
-    for (int s = 0; s < count; ++s) OnHugePages(w[s].data, w[s].rows * w[s].row_bytes);
-  }
-
-  // Float32 weight rows first..first + kRows of weight s against every row of x, one sum per row.
-  void Rows(int s, int64_t first) const {
-    constexpr int R = kRows;
-    const float *rows = w[s].Floats() + first * k_len;
-    // The next group's rows are fetched into L2 while this group streams: the hardware prefetcher alone restarts at
-    // every group.
-    const float *ahead = first + 2 * R <= w[s].rows ? rows + R * k_len : rows;
-    for (int64_t m = 0; m < m_rows; ++m) {
-      const float *xm = x + m * k_len;
-      Vec acc[R] = {};
-      int64_t k = 0;
-      for (; k + kLanes <= k_len; k += kLanes) {
-        const Vec xv = Load(xm + k);
-        for (int r = 0; r < R; ++r) {
-          __builtin_prefetch(ahead + r * k_len + k, 0, 2);
-          acc[r] = Fma(Load(rows + r * k_len + k), xv, acc[r]);
-        }
+  template <int MR, int NR, typename Rows>
+  void Tile(const float *xm, const Rows &rows, float *out, int64_t ldy) const {
+    Vec acc[MR][NR] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= k_len; k += kLanes) {
+      Vec wv[NR];
+      for (int n = 0; n < NR; ++n) wv[n] = rows.Load(n, k);
+      for (int m = 0; m < MR; ++m) {
+        const Vec xv = Load(xm + m * k_len + k);
+        for (int n = 0; n < NR; ++n) acc[m][n] = Fma(xv, wv[n], acc[m][n]);
       }
-      for (int r = 0; r < R; ++r) {
-        float sum = Sum(acc[r]);
-        for (int64_t j = k; j < k_len; ++j) sum += rows[r * k_len + j] * xm[j];
-        y[s][m * w[s].rows + first + r] = sum;
+    }
+    for (int m = 0; m < MR; ++m) {
+      for (int n = 0; n < NR; ++n) {
+        float sum = Sum(acc[m][n]);
+        for (int64_t j = k; j < k_len; ++j) sum += xm[m * k_len + j] * rows.At(n, j);
+        out[m * ldy + n] = sum;
       }
     }
   }
 
-  // Float32 weight row `r` of weight s against every row of x.
-  void Row(int s, int64_t r) const {
-    const float *row = w[s].Floats() + r * k_len;
-    for (int64_t k = 0; k < k_len; k += kLanes) __builtin_prefetch(row + k + kAhead, 0, 2);
-    for (int64_t m = 0; m < m_rows; ++m) y[s][m * w[s].rows + r] = Dot(row, x + m * k_len, k_len);
+  template <int MR, int NR = kNr, typename Rows>
+  void Tiles(int nr, const float *xm, const Rows &rows, float *out, int64_t ldy) const {
+    if constexpr (NR > 1) {
+      if (nr < NR) return Tiles<MR, NR - 1>(nr, xm, rows, out, ldy);
+    }
+    Tile<MR, NR>(xm, rows, out, ldy);
   }
 
-  // bfloat16 or Q8_0 weight rows first..first + R of weight s against every row of x: each weight widened as it
-  // streams in, R interleaved rows, the next group prefetched.
+  template <int MR = kMr, typename Rows>
+  void Tiled(int mr, int nr, const float *xm, const Rows &rows, float *out, int64_t ldy) const {
+    if constexpr (MR > 1) {
+      if (mr < MR) return Tiled<MR - 1>(mr, nr, xm, rows, out, ldy);
+    }
+    Tiles<MR>(nr, xm, rows, out, ldy);
+  }
+
+  // Weight rows first..first + n of weight s, as float32 rows (widened into `wide` first if stored narrower, once for
+  // every tile of x), or, for a narrow weight against at most kMr rows of x, widened in registers as they load.
+  void Block(int s, int64_t first, int64_t n, std::vector<float> &wide) const {
+    const int64_t ldy = w[s].rows;
+    if (w[s].type != kFloat32 && m_rows <= kMr && k_len % kLanes == 0) {
+      for (int64_t c = 0; c < n; c += kNr) {
+        Tiled(static_cast<int>(m_rows), static_cast<int>(std::min<int64_t>(kNr, n - c)), x, NarrowRows{w[s], first + c},
+              y[s] + first + c, ldy);
+      }
+      return;
+    }
+    const float *block = w[s].Floats() + first * k_len;
+    if (w[s].type != kFloat32) {
+      wide.resize(n * k_len);
+      for (int64_t r = 0; r < n; ++r) w[s].Widen(first + r, wide.data() + r * k_len);
+      block = wide.data();
+    }
+    for (int64_t m = 0; m < m_rows; m += kMr) {
+      for (int64_t c = 0; c < n; c += kNr) {
+        Tiled(static_cast<int>(std::min<int64_t>(kMr, m_rows - m)), static_cast<int>(std::min<int64_t>(kNr, n - c)),
+              x + m * k_len, FloatRows{block + c * k_len, k_len}, y[s] + m * ldy + first + c, ldy);
+      }
+    }
+  }
+};
+// Products for one or two rows M (one sequence's decode step: memory-bound, every weight read once): groups of kRows
+// weight rows, each group read as kRows interleaved streams (one sum per row: kRows independent chains) with the next
+// group fetched into L2 as it goes, narrow weights widened in registers as they stream in. The threads take
+// contiguous ranges of groups.
+struct Stream : Products {
+  static constexpr int kRows = 8;
+
+  Stream(const float *x_, int64_t m_rows_, Outputs outputs) : Products(x_, m_rows_, outputs) {
+    for (int s = 0; s < count; ++s) OnHugePages(w[s].data, w[s].rows * w[s].row_bytes);
+  }
+
+  // Weight rows first..first + R of weight s against every row of x.
   template <int R>
-  void Narrow(int s, int64_t first) const {
+  void Rows(int s, int64_t first) const {
     const Matrix &m_w = w[s];
     const uint8_t *rows = m_w.Row(first);
     const uint8_t *ahead = first + 2 * R <= m_w.rows ? rows + R * m_w.row_bytes : rows;
     for (int64_t m = 0; m < m_rows; ++m) {
       const float *xm = x + m * k_len;
       Vec acc[R] = {};
-      if (m_w.type == kBFloat16) {
-        for (int64_t k = 0; k < k_len; k += kLanes) {
+      int64_t k = 0;
+      if (m_w.type == kFloat32) {
+        for (; k + kLanes <= k_len; k += kLanes) {
+          const Vec xv = Load(xm + k);
+          for (int r = 0; r < R; ++r) {
+            __builtin_prefetch(ahead + r * m_w.row_bytes + 4 * k, 0, 2);
+            acc[r] = Fma(Load(reinterpret_cast<const float *>(rows + r * m_w.row_bytes) + k), xv, acc[r]);
+          }
+        }
+      } else if (m_w.type == kBFloat16) {
+        for (; k < k_len; k += kLanes) {
           const Vec xv = Load(xm + k);
           for (int r = 0; r < R; ++r) {
             __builtin_prefetch(ahead + r * m_w.row_bytes + 2 * k, 0, 2);
@@ -339,35 +396,33 @@ struct Gemv : Products {
           for (int r = 0; r < R; ++r) {
             const uint8_t *block = rows + r * m_w.row_bytes + b * kQ8Bytes;
             __builtin_prefetch(ahead + (block - rows), 0, 2);
-            // Each weight d * q (exact in float32) times x, as the widened rows of `Gemm` take it.
+            // Each weight d * q (exact in float32) times x, as the widened rows of the tiles take it.
             const Vec d = Splat(Half(block));
             acc[r] = Fma(LoadQ8(block + 2) * d, x0, acc[r]);
             acc[r] = Fma(LoadQ8(block + 2 + kLanes) * d, x1, acc[r]);
           }
         }
+        k = k_len;
       }
-      for (int r = 0; r < R; ++r) y[s][m * m_w.rows + first + r] = Sum(acc[r]);
+      for (int r = 0; r < R; ++r) {
+        float sum = Sum(acc[r]);
+        for (int64_t j = k; j < k_len; ++j) {
+          sum += reinterpret_cast<const float *>(rows + r * m_w.row_bytes)[j] * xm[j];
+        }
+        y[s][m * m_w.rows + first + r] = sum;
+      }
     }
   }
 
-  void Group(int s, int64_t row) const {
-    const int64_t end = std::min(row + kRows, w[s].rows);
-    if (w[s].type == kFloat32) {
-      if (k_len > kShortRow && end - row == kRows) {
-        Rows(s, row);
-      } else {
-        for (int64_t r = row; r < end; ++r) Row(s, r);
-      }
-    } else if (Vectorizable(w[s]) && end - row == kRows) {
-      Narrow<kRows>(s, row);
-    } else if (Vectorizable(w[s])) {
-      for (int64_t r = row; r < end; ++r) Narrow<1>(s, r);
+  void Group(int s, int64_t row, std::vector<float> &wide) const {
+    const int64_t end = std::min<int64_t>(row + kRows, w[s].rows);
+    const bool vector = w[s].type != kBFloat16 || k_len % kLanes == 0;
+    if (vector && end - row == kRows) {
+      Rows<kRows>(s, row);
+    } else if (vector) {
+      for (int64_t r = row; r < end; ++r) Rows<1>(s, r);
     } else {
-      std::vector<float> wide(k_len);
-      for (int64_t r = row; r < end; ++r) {
-        w[s].Widen(r, wide.data());
-        for (int64_t m = 0; m < m_rows; ++m) y[s][m * w[s].rows + r] = Dot(wide.data(), x + m * k_len, k_len);
-      }
+      Block(s, row, end - row, wide);
     }
   }
 
@@ -375,77 +430,52 @@ struct Gemv : Products {
     int64_t groups[kMax], total = 0;
     for (int s = 0; s < count; ++s) total += groups[s] = (w[s].rows + kRows - 1) / kRows;
     const int64_t first = total * part / parts, last = total * (part + 1) / parts;
+    std::vector<float> wide;
     int s = 0;
     int64_t base = 0;                 // groups of the weights before s
     for (int64_t g = first; g < last; ++g) {
       while (g - base >= groups[s]) base += groups[s++];
-      Group(s, (g - base) * kRows);
+      Group(s, (g - base) * kRows, wide);
     }
   }
 };
 
-// The same products for many rows M (a prompt), in the layout the weights have (as llamafile's tinyBLAS does for
-// llama.cpp): each kNr weight rows (widened into float32 once per kGroup rows if stored narrower) against each kMr rows
-// of x, a register tile of kMr x kNr vector sums along k, then one sum across lanes per output. The threads share
-// groups of kGroup weight rows.
+// Products for a few rows M (a decode step of a few sequences: every weight read once per step). Each thread
+// takes one contiguous run of kNr-row panels, so that it reads one sequential stream, and fetches the panel kAhead
+// panels on into the cache while it computes this one.
+struct Gemv : Products {
+  static constexpr int64_t kAhead = 2;
+
+  Gemv(const float *x_, int64_t m_rows_, Outputs outputs) : Products(x_, m_rows_, outputs) {
+    for (int s = 0; s < count; ++s) OnHugePages(w[s].data, w[s].rows * w[s].row_bytes);
+  }
+
+  void Part(int part, int parts) const override {
+    int64_t panels[kMax], total = 0;
+    for (int s = 0; s < count; ++s) total += panels[s] = (w[s].rows + kNr - 1) / kNr;
+    const int64_t first = total * part / parts, last = total * (part + 1) / parts;
+    std::vector<float> wide;
+    int s = 0;
+    int64_t base = 0;                 // panels of the weights before s
+    for (int64_t g = first; g < last; ++g) {
+      while (g - base >= panels[s]) base += panels[s++];
+      const int64_t row = (g - base) * kNr, ahead = row + kAhead * kNr;
+      if (ahead < w[s].rows) {
+        const uint8_t *bytes = w[s].Row(ahead);
+        const int64_t size = std::min<int64_t>(kNr, w[s].rows - ahead) * w[s].row_bytes;
+        for (int64_t b = 0; b < size; b += 64) __builtin_prefetch(bytes + b, 0, 2);
+      }
+      Block(s, row, std::min<int64_t>(kNr, w[s].rows - row), wide);
+    }
+  }
+};
+
+// The same products for many rows M (a prompt: compute-bound). The threads share groups of kGroup weight rows, widened
+// once per group if stored narrower, the group's tiles against every row of x.
 struct Gemm : Products {
-  static constexpr int kMr = 6, kNr = 4, kGroup = 4 * kNr;
+  static constexpr int kGroup = 4 * kNr;
 
   Gemm(const float *x_, int64_t m_rows_, Outputs outputs) : Products(x_, m_rows_, outputs) {}
-
-  template <int MR, int NR>
-  void Tile(const float *xm, const float *rows, float *out, int64_t ldy) const {
-    Vec acc[MR][NR] = {};
-    int64_t k = 0;
-    for (; k + kLanes <= k_len; k += kLanes) {
-      Vec wv[NR];
-      for (int n = 0; n < NR; ++n) wv[n] = Load(rows + n * k_len + k);
-      for (int m = 0; m < MR; ++m) {
-        const Vec xv = Load(xm + m * k_len + k);
-        for (int n = 0; n < NR; ++n) acc[m][n] = Fma(xv, wv[n], acc[m][n]);
-      }
-    }
-    for (int m = 0; m < MR; ++m) {
-      for (int n = 0; n < NR; ++n) {
-        float sum = Sum(acc[m][n]);
-        for (int64_t j = k; j < k_len; ++j) sum += xm[m * k_len + j] * rows[n * k_len + j];
-        out[m * ldy + n] = sum;
-      }
-    }
-  }
-
-  template <int MR, int NR = kNr>
-  void Tiles(int nr, const float *xm, const float *rows, float *out, int64_t ldy) const {
-    if constexpr (NR > 1) {
-      if (nr < NR) return Tiles<MR, NR - 1>(nr, xm, rows, out, ldy);
-    }
-    Tile<MR, NR>(xm, rows, out, ldy);
-  }
-
-  template <int MR = kMr>
-  void Rows(int mr, int nr, const float *xm, const float *rows, float *out, int64_t ldy) const {
-    if constexpr (MR > 1) {
-      if (mr < MR) return Rows<MR - 1>(mr, nr, xm, rows, out, ldy);
-    }
-    Tiles<MR>(nr, xm, rows, out, ldy);
-  }
-
-  // Weight rows first..first + kGroup of weight s against every row of x.
-  void Group(int s, int64_t first, std::vector<float> &wide) const {
-    const int64_t rows = std::min<int64_t>(kGroup, w[s].rows - first), ldy = w[s].rows;
-    const float *group = w[s].Floats() + first * k_len;
-    if (w[s].type != kFloat32) {
-      wide.resize(rows * k_len);
-      for (int64_t r = 0; r < rows; ++r) w[s].Widen(first + r, wide.data() + r * k_len);
-      group = wide.data();
-    }
-    for (int64_t m = 0; m < m_rows; m += kMr) {
-      for (int64_t n = 0; n < rows; n += kNr) {
-        Rows(static_cast<int>(std::min<int64_t>(kMr, m_rows - m)), static_cast<int>(std::min<int64_t>(kNr, rows - n)),
-             x + m * k_len, group + n * k_len, y[s] + m * ldy + first + n, ldy);
-      }
-    }
-  }
 
   void Part(int part, int parts) const override {
     int64_t groups[kMax], total = 0;
@@ -454,7 +484,7 @@ struct Gemm : Products {
     for (int64_t g = part; g < total; g += parts) {
       int64_t p = g, s = 0;
       while (p >= groups[s]) p -= groups[s++];
-      Group(static_cast<int>(s), p * kGroup, wide);
+      Block(static_cast<int>(s), p * kGroup, std::min<int64_t>(kGroup, w[s].rows - p * kGroup), wide);
     }
   }
 };
@@ -787,13 +817,16 @@ struct Tokens {
   int64_t block_size;
 };
 
-// Up to this many rows, products stream each weight once per token row (decode); more rows take the blocked product.
-constexpr int64_t kGemvRows = 8;
-
+// Up to kStreamRows rows (one sequence's decode step), products stream each weight row by row; up to kGemvRows (a
+// decode step of a batch) they read each weight once in panels; more rows (prompts) take the blocked product. All
+// three sum every output in the same order.
+constexpr int64_t kStreamRows = 2, kGemvRows = 16;
 
 // y = x (rows, width) . w^T for each (w, y) pair sharing x.
 void Linear(Pool &pool, const float *x, int64_t rows, Outputs outputs) {
-  if (rows <= kGemvRows) {
+  if (rows <= kStreamRows) {
+    pool.Run(Stream(x, rows, outputs));
+  } else if (rows <= kGemvRows) {
     pool.Run(Gemv(x, rows, outputs));
   } else {
     pool.Run(Gemm(x, rows, outputs));
