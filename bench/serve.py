@@ -130,11 +130,13 @@ def start_llama(gguf, ctx, extra_bufts, workdir):
     return Server("llama.cpp", argv, workdir / "llama.log").wait(f"http://127.0.0.1:{port}")
 
 
-def start_llama_server(binary, gguf, ctx, slots, workdir):
-    """llama.cpp's C++ server: ``slots`` sequences decoded together, sharing one ``ctx``-token KV cache."""
+def start_llama_server(binary, gguf, ctx, slots, extra_bufts, workdir):
+    """llama.cpp's C++ server: ``slots`` sequences decoded together, sharing one ``ctx``-token KV cache
+    (``--no-repack``: no extra buffer types, as for llama-cpp-python where AMX faults)."""
     port = free_port()
     argv = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-c", str(ctx), "-np", str(slots),
-            "--kv-unified", "-t", THREADS, "-tb", THREADS, "-b", "2048", "-ub", "512", "--jinja", "--no-webui"]
+            "--kv-unified", "-t", THREADS, "-tb", THREADS, "-b", "2048", "-ub", "512", "--jinja", "--no-webui",
+            *([] if extra_bufts else ["--no-repack"])]
     return Server("llama-server", argv, workdir / "llama-server.log").wait(f"http://127.0.0.1:{port}")
 
 
@@ -230,7 +232,7 @@ def main(argv=None):
     servers = {"knowlm": knowlm, "llama.cpp": llama}
     if args.llama_server:
         servers["llama-server"] = start_llama_server(args.llama_server, models["llama.cpp", args.precision], args.ctx,
-                                                     max(clients), workdir)
+                                                     max(clients), extra_bufts, workdir)
     import torch  # the bandwidth probe (bench/run.py's)
     run = bench_module("run")
     bandwidth = [run.huge_page_read(torch)]
