@@ -11,9 +11,10 @@
 //
 // Weights (the 2-D ones) come as float32, bfloat16 or uint8 = llama.cpp's Q8_0 blocks (per 32 values: a float16 scale
 // d, then 32 int8 q; value d * q), told apart by dtype (`Matrix`). Arithmetic is float32 on the weights' exact values:
-// a few rows (decode) are dot products that widen each weight as it streams in (decode is memory-bound: the bytes
-// read decide its speed), many rows (prefill) a blocked matrix product on panels of weight rows widened once into
-// float32 (compute-bound: the panel's widening is spread over every row of the prompt).
+// one sequence's decode step streams the weights, widening each as it loads (memory-bound: the bytes read decide its
+// speed); a batch's decode step reads each weight once in small panels for every sequence; a prompt is a blocked
+// matrix product on panels of weight rows widened once into float32 (compute-bound). All three sum every output in
+// one order (`Products`), so a row's results do not depend on the rows beside it.
 //
 // Decoding reads every weight once per token, so memory bandwidth is the limit: independent sums and software
 // prefetch keep enough loads in flight to reach the machine's read bandwidth (one row at a time with one sum reaches
@@ -328,6 +329,20 @@ struct Products : Job {
     Tiles<MR>(nr, xm, rows, out, ldy);
   }
 
+  // each(s, first row) for this thread's part of the groups of `size` weight rows, one contiguous run of them (the
+  // weights one after another): a thread reads one sequential stream.
+  template <typename Each>
+  void Contiguous(int part, int parts, int64_t size, Each each) const {
+    int64_t groups[kMax], total = 0;
+    for (int s = 0; s < count; ++s) total += groups[s] = (w[s].rows + size - 1) / size;
+    int s = 0;
+    int64_t base = 0;                 // groups of the weights before s
+    for (int64_t g = total * part / parts; g < total * (part + 1) / parts; ++g) {
+      while (g - base >= groups[s]) base += groups[s++];
+      each(s, (g - base) * size);
+    }
+  }
+
   // Weight rows first..first + n of weight s, as float32 rows (widened into `wide` first if stored narrower, once for
   // every tile of x), or, for a narrow weight against at most kMr rows of x, widened in registers as they load.
   void Block(int s, int64_t first, int64_t n, std::vector<float> &wide) const {
@@ -427,16 +442,8 @@ struct Stream : Products {
   }
 
   void Part(int part, int parts) const override {
-    int64_t groups[kMax], total = 0;
-    for (int s = 0; s < count; ++s) total += groups[s] = (w[s].rows + kRows - 1) / kRows;
-    const int64_t first = total * part / parts, last = total * (part + 1) / parts;
     std::vector<float> wide;
-    int s = 0;
-    int64_t base = 0;                 // groups of the weights before s
-    for (int64_t g = first; g < last; ++g) {
-      while (g - base >= groups[s]) base += groups[s++];
-      Group(s, (g - base) * kRows, wide);
-    }
+    Contiguous(part, parts, kRows, [&](int s, int64_t row) { Group(s, row, wide); });
   }
 };
 
@@ -451,22 +458,16 @@ struct Gemv : Products {
   }
 
   void Part(int part, int parts) const override {
-    int64_t panels[kMax], total = 0;
-    for (int s = 0; s < count; ++s) total += panels[s] = (w[s].rows + kNr - 1) / kNr;
-    const int64_t first = total * part / parts, last = total * (part + 1) / parts;
     std::vector<float> wide;
-    int s = 0;
-    int64_t base = 0;                 // panels of the weights before s
-    for (int64_t g = first; g < last; ++g) {
-      while (g - base >= panels[s]) base += panels[s++];
-      const int64_t row = (g - base) * kNr, ahead = row + kAhead * kNr;
+    Contiguous(part, parts, kNr, [&](int s, int64_t row) {
+      const int64_t ahead = row + kAhead * kNr;
       if (ahead < w[s].rows) {
         const uint8_t *bytes = w[s].Row(ahead);
         const int64_t size = std::min<int64_t>(kNr, w[s].rows - ahead) * w[s].row_bytes;
         for (int64_t b = 0; b < size; b += 64) __builtin_prefetch(bytes + b, 0, 2);
       }
       Block(s, row, std::min<int64_t>(kNr, w[s].rows - row), wide);
-    }
+    });
   }
 };
 
