@@ -66,11 +66,13 @@ def test_the_shipped_facts_are_known_before_any_edit_and_the_new_targets_are_not
 
 
 def test_cli_edit_eval_prints_the_table_and_writes_the_scores(tmp_path, capsys):
+    """The verb on the tiny random model (fast to build): the table, the JSON, no locality without --base."""
     requests = tmp_path / "two.json"
     requests.write_text(json.dumps(json.loads(EDIT_SET.read_text(encoding="utf-8"))[:2]), encoding="utf-8")
-    assert main(["edit-eval", "--model", "smollm2", "--requests", str(requests), "--seq-length", "64",
+    assert main(["edit-eval", "--model", "tiny", "--requests", str(requests), "--seq-length", "64",
                  "--output", str(tmp_path / "scores.json")]) == 0
     out = capsys.readouterr().out
-    assert "reliability" in out and "knows" in out and "locality" not in out     # no --base: no locality
+    assert "reliability" in out and "knows" in out and "locality" not in out
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert len(scores["requests"]) == 2 and scores["summary"]["knows"] == 100.0
+    assert len(scores["requests"]) == 2 and set(scores["summary"]) == {"reliability", "generalization",
+                                                                       "portability", "knows"}

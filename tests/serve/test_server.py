@@ -217,7 +217,7 @@ KILLED_CLIENT = """
 import json, sys, urllib.request
 request = urllib.request.Request(sys.argv[1] + "/chat/completions", headers={"Authorization": "Bearer " + sys.argv[2]},
     data=json.dumps({"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a long story."}],
-                     "max_tokens": 400, "temperature": 0, "stream": True}).encode())
+                     "max_tokens": 470, "temperature": 0, "stream": True}).encode())
 with urllib.request.urlopen(request) as answer:
     answer.readline()
     print("streaming", flush=True)
@@ -234,7 +234,8 @@ def test_a_client_killed_mid_stream_frees_its_row_and_does_not_stall_the_others(
         killed.kill()
         killed.wait()
         assert other.result(timeout=120) == chat(client, QUESTIONS[5], max_tokens=30)
-    deadline = time.time() + 10
+    # Left running, the killed request would decode for ~15 s more (470 tokens): its row is freed well before.
+    deadline = time.time() + 4
     while server.get("/health")["running"] and time.time() < deadline:
         time.sleep(0.1)
     assert server.get("/health")["running"] == 0
@@ -249,10 +250,10 @@ def test_after_all_of_it_health_answers_and_memory_stayed_within_the_model_and_i
 
 
 def test_sigterm_finishes_the_requests_in_flight_cancels_past_the_deadline_refuses_new_ones_and_exits_0():
-    server = Server("--max-batch", "2", "--shutdown-timeout", "8")
+    server = Server("--max-batch", "2", "--shutdown-timeout", "5")
     client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
     short, long = [iter(client.completions.create(model="smollm2", prompt="Once upon a time", temperature=0,
-                                                  max_tokens=n, stream=True)) for n in (8, 500)]
+                                                  max_tokens=n, stream=True)) for n in (6, 500)]
     next(short), next(long)         # both running
     server.process.send_signal(signal.SIGTERM)
     with pytest.raises((openai.APIConnectionError, openai.InternalServerError)):
