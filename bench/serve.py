@@ -93,8 +93,12 @@ class Server:
         return 0
 
     def stop(self):
-        self.process.terminate()
-        self.process.wait(60)
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 def start_knowlm(model_dir, ctx, max_batch, workdir):
@@ -227,12 +231,23 @@ def main(argv=None):
     extra_bufts = real.llama_extra_bufts(models, log)
     workdir = Path(tempfile.mkdtemp(prefix="knowlm-serve-bench-"))
     log(f"server logs: {workdir}")
-    knowlm = start_knowlm(models["knowlm", args.precision], args.ctx, max(clients), workdir)
-    llama = start_llama(models["llama.cpp", args.precision], args.ctx, extra_bufts, workdir)
-    servers = {"knowlm": knowlm, "llama.cpp": llama}
-    if args.llama_server:
-        servers["llama-server"] = start_llama_server(args.llama_server, models["llama.cpp", args.precision], args.ctx,
-                                                     max(clients), extra_bufts, workdir)
+    servers = {}
+    try:
+        servers["knowlm"] = start_knowlm(models["knowlm", args.precision], args.ctx, max(clients), workdir)
+        servers["llama.cpp"] = start_llama(models["llama.cpp", args.precision], args.ctx, extra_bufts, workdir)
+        if args.llama_server:
+            servers["llama-server"] = start_llama_server(args.llama_server, models["llama.cpp", args.precision],
+                                                         args.ctx, max(clients), extra_bufts, workdir)
+        results, peaks, bandwidth = measure(servers, clients, rounds, requests, args.max_tokens)
+    finally:            # a failed start or request leaves no server behind
+        for server in servers.values():
+            server.stop()
+    report(args, models, servers, clients, rounds, requests, results, peaks, bandwidth)
+    return 0
+
+
+def measure(servers, clients, rounds, requests, max_tokens):
+    """``(results, peak RSS, bandwidth probes)``: every (round, concurrency, engine), the better round kept."""
     import torch  # the bandwidth probe (bench/run.py's)
     run = bench_module("run")
     bandwidth = [run.huge_page_read(torch)]
@@ -244,15 +259,16 @@ def main(argv=None):
             turn = r + clients.index(count)          # rotates the engines' order
             order = list(servers)[turn % len(servers):] + list(servers)[:turn % len(servers)]
             for name in order:
-                measured = summarise(workload(servers[name].base, count, requests, args.max_tokens))
+                measured = summarise(workload(servers[name].base, count, requests, max_tokens))
                 best = results[str(count)].get(name)
                 if best is None or measured["tokens_per_s"] > best["tokens_per_s"]:
                     results[str(count)][name] = measured
                 log(f"round {r + 1}/{rounds}, {count} clients, {name}: {measured['tokens_per_s']:.1f} tok/s")
         bandwidth.append(run.huge_page_read(torch))
-    peaks = {name: server.peak_rss() for name, server in servers.items()}
-    for server in servers.values():
-        server.stop()
+    return results, {name: server.peak_rss() for name, server in servers.items()}, bandwidth
+
+
+def report(args, models, servers, clients, rounds, requests, results, peaks, bandwidth):
     health_bytes = sum(p.stat().st_size for p in Path(models["knowlm", args.precision]).glob("*.ckpt"))
     bound = max(bandwidth) / health_bytes
     print(table(results, clients, list(servers)))
@@ -261,10 +277,10 @@ def main(argv=None):
     print("peak RSS: " + ", ".join(f"{name} {peak / 2**30:.2f} GiB" for name, peak in peaks.items()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"precision": args.precision, "ctx": args.ctx, "clients": clients, "requests_per_client": requests,
+    summary = {"precision": args.precision, "ctx": args.ctx, "clients": clients, "requests_per_client": requests,
               "max_tokens": args.max_tokens, "rounds": rounds, "results": results, "peak_rss_bytes": peaks,
               "read_bytes_per_s": bandwidth, "single_sequence_bound_tokens_per_s": bound}
-    (out / "serve.json").write_text(json.dumps(report, indent=1))
+    (out / "serve.json").write_text(json.dumps(summary, indent=1))
     top, single = str(max(clients)), str(min(clients))
     rates = {name: results[top][name]["tokens_per_s"] for name in servers}
     k = rates["knowlm"]
@@ -272,7 +288,6 @@ def main(argv=None):
     print(f"serve: {args.precision}, ctx {args.ctx}: knowlm {k:.1f} tok/s at {top} clients = "
           f"{k / results[single]['knowlm']['tokens_per_s']:.2f}x its {single}-client rate, {peers}; "
           f"{out / 'serve.json'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ class Server:
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.time() + 240
         while not any(" on http://" in line for line in self.lines):
-            assert self.process.poll() is None and time.time() < deadline, "".join(self.lines)
+            if self.process.poll() is not None or time.time() > deadline:
+                self.process.kill()         # a failed start leaves no process behind
+                pytest.fail("knowlm serve did not start: " + "".join(self.lines)[-2000:])
             time.sleep(0.1)
         self.url = re.search(r"on (http://\S+/v1)", "".join(self.lines)).group(1)
 
@@ -61,7 +63,11 @@ class Server:
     def stop(self):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+        try:
+            return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
 
 
 def post(url, body, key=KEY, raw=None):
@@ -79,9 +85,12 @@ def post(url, body, key=KEY, raw=None):
 def server():
     packaged_model_dir("smollm2")         # converted once, before the server looks for it
     running = Server("--api-key", KEY, "--max-batch", "16")
-    running.rss_at_start = running.get("/health")["rss_bytes"]
-    yield running
-    assert running.stop() == 0
+    try:
+        running.rss_at_start = running.get("/health")["rss_bytes"]
+        yield running
+    finally:
+        status = running.stop()
+    assert status == 0
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +260,14 @@ def test_after_all_of_it_health_answers_and_memory_stayed_within_the_model_and_i
 
 def test_sigterm_finishes_the_requests_in_flight_cancels_past_the_deadline_refuses_new_ones_and_exits_0():
     server = Server("--max-batch", "2", "--shutdown-timeout", "5")
+    try:
+        sigterm_while_two_requests_run(server)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+
+
+def sigterm_while_two_requests_run(server):
     client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
     short, long = [iter(client.completions.create(model="smollm2", prompt="Once upon a time", temperature=0,
                                                   max_tokens=n, stream=True)) for n in (6, 500)]
