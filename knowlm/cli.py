@@ -9,11 +9,10 @@ import sys
 
 from knowlm import __version__
 from knowlm.errors import KnowLMError, describe
-from knowlm.files import PACKAGE_DIR
 from knowlm.frameworks import load_frameworks
 
 
-EDIT_SET = PACKAGE_DIR / "assets" / "edit" / "smollm2_facts.json"
+from knowlm.edit.cli import EDIT_SET, add_edit  # noqa: F401  (EDIT_SET: the shipped edit set, for the tests)
 
 
 def _frameworks(args):
@@ -95,36 +94,6 @@ def add_serve(verbs):
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="seconds in-flight requests get to finish after SIGTERM; default 30")
     srv.set_defaults(run=cmd_serve)
-
-
-def cmd_edit_eval(args):
-    from knowlm.edit.requests import read_requests
-    from knowlm.files import refuse_output, write_json
-    if args.output:
-        refuse_output(args.output, args.force, args.requests)
-    requests = read_requests(args.requests)        # checked before a model is loaded
-    _frameworks(args)
-    from knowlm.edit.evaluate import format_scores, score_requests
-    from knowlm.models.load import load_model
-    model, tokenizer = load_model(args.model, use_past=False, seq_length=args.seq_length)
-    base = load_model(args.base, use_past=False, seq_length=args.seq_length)[0] if args.base else None
-    scores = score_requests(model, tokenizer, requests, base=base)
-    print(format_scores(scores))
-    if args.output:
-        write_json(args.output, scores)
-
-
-def add_edit(verbs):
-    ev = verbs.add_parser("edit-eval", help="EasyEdit's reliability / generalization / locality / portability of "
-                                            "a model on edit requests")
-    ev.add_argument("--model", required=True, help="the (edited) model: directory, 'smollm2', yaml or pipeline name")
-    ev.add_argument("--requests", default=str(EDIT_SET),
-                    help="edit requests, EasyEdit's format (JSON list or JSONL); default: the shipped SmolLM2 set")
-    ev.add_argument("--base", help="the unedited model: locality compares with its predictions (else no locality)")
-    ev.add_argument("--seq-length", type=int, default=128, help="positions of the scoring model; default 128")
-    ev.add_argument("--output", help="the scores as JSON (per request and summary)")
-    ev.add_argument("--force", action="store_true", help="replace --output if it exists")
-    ev.set_defaults(run=cmd_edit_eval)
 
 
 def cmd_convert(args):

@@ -10,6 +10,7 @@ percent, as EasyEdit's ``summary_metrics`` does.
 """
 import numpy as np
 
+from knowlm.edit.trace import all_logits
 from knowlm.errors import KnowLMError
 
 METRICS = ("reliability", "generalization", "locality", "portability", "knows")
@@ -32,7 +33,6 @@ class TeacherForcing:
 
     def predict_all(self, pairs) -> list:
         """``predict`` of every ``(prompt, answer)``, ``ROWS`` texts per model call."""
-        import mindspore as ms
         texts = []
         for prompt, answer in pairs:
             ids = self.tokenizer(f"{prompt} {answer}")["input_ids"]
@@ -46,7 +46,7 @@ class TeacherForcing:
             padded = np.zeros((self.ROWS, self.width), np.int32)
             for row, (ids, _) in enumerate(batch):
                 padded[row, :len(ids)] = ids
-            logits = self.model(ms.Tensor(padded))[0].asnumpy().reshape(self.ROWS, self.width, -1)
+            logits = all_logits(self.model, padded)
             out += [(logits[row, start - 1:len(ids) - 1].argmax(-1).tolist(), ids[start:])
                     for row, (ids, start) in enumerate(batch)]
         return out
@@ -56,25 +56,35 @@ def accuracy(predicted, expected) -> float:
     return float(np.mean(np.equal(predicted, expected))) if len(expected) else float("nan")
 
 
-def score_requests(model, tokenizer, requests, base=None) -> dict:
-    """``{"requests": [per-request scores], "summary": {metric: percent}}``; ``base``: the unedited model
-    (without it, no locality)."""
-    post = TeacherForcing(model, tokenizer)
-    pre = TeacherForcing(base, tokenizer) if base is not None else None
+def locality_predictions(model, tokenizer, requests) -> list:
+    """The predicted tokens of every locality text of ``requests`` (in order): what the unedited model says."""
+    pairs = [pair for request in requests for metric, pair in _texts(request) if metric == "locality"]
+    return [predicted for predicted, _ in TeacherForcing(model, tokenizer).predict_all(pairs)]
+
+
+def score_requests(model, tokenizer, requests, base=None, before=None) -> dict:
+    """``{"requests": [per-request scores], "summary": {metric: percent}}``; ``base``: the unedited model, or
+    ``before``: its ``locality_predictions`` (without either, no locality)."""
+    if before is None and base is not None:
+        before = locality_predictions(base, tokenizer, requests)
+    before = list(before) if before is not None else None
     # Every text of every request in one list, so that the model calls are full batches.
     asked = [(request, metric, pair) for request in requests for metric, pair in _texts(request)
-             if metric != "locality" or pre is not None]
-    after = post.predict_all([pair for _, _, pair in asked])
-    before = pre.predict_all([pair for _, metric, pair in asked if metric == "locality"]) if pre else []
+             if metric != "locality" or before is not None]
+    after = TeacherForcing(model, tokenizer).predict_all([pair for _, _, pair in asked])
     values = {id(request): {} for request in requests}
     for (request, metric, _), (predicted, expected) in zip(asked, after):
         if metric == "locality":
-            expected = before.pop(0)[0]
+            expected = before.pop(0)
         values[id(request)].setdefault(metric, []).append(accuracy(predicted, expected))
     rows = [{metric: float(np.mean(found)) for metric, found in values[id(request)].items()} for request in requests]
-    summary = {metric: 100 * float(np.mean([row[metric] for row in rows if metric in row]))
-               for metric in METRICS if any(metric in row for row in rows)}
-    return {"requests": rows, "summary": summary}
+    return {"requests": rows, "summary": summarize(rows)}
+
+
+def summarize(rows) -> dict:
+    """The mean of each metric over the requests that have it, in percent (EasyEdit's ``summary_metrics``)."""
+    return {metric: 100 * float(np.mean([row[metric] for row in rows if metric in row]))
+            for metric in METRICS if any(metric in row for row in rows)}
 
 
 def _texts(request):
