@@ -8,11 +8,9 @@ import os
 import sys
 
 from knowlm import __version__
+from knowlm.edit.cli import add_edit
 from knowlm.errors import KnowLMError, describe
 from knowlm.frameworks import load_frameworks
-
-
-from knowlm.edit.cli import EDIT_SET, add_edit  # noqa: F401  (EDIT_SET: the shipped edit set, for the tests)
 
 
 def _frameworks(args):

@@ -94,7 +94,7 @@ def add_edit(verbs):
                     help="edit requests, EasyEdit's format (JSON list or JSONL); default: the shipped SmolLM2 set")
     ed.add_argument("--output", help="the edited model directory (only the edited matrices differ from --model)")
     ed.add_argument("--hparams", help="hyperparameters yaml (EasyEdit's keys); default: the shipped one for the "
-                                      "model (knowlm/configs/<model>/edit_<method>.yaml)")
+                                      "model (knowlm/assets/edit/hparams/<ROME|MEMIT>/<model>.yaml)")
     ed.add_argument("--each", action="store_true",
                     help="edit each request alone from the original weights and score it (EasyEdit's evaluation); "
                          "no model is written")

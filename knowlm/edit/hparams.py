@@ -1,5 +1,5 @@
 """ROME / MEMIT hyperparameters: EasyEdit's yaml keys (``hparams/ROME/llama-7b.yaml``, ``hparams/MEMIT/...``),
-one file per model and method under ``knowlm/configs/<model>/edit_<method>.yaml``.
+one file per method and model, ``knowlm/assets/edit/hparams/<ROME|MEMIT>/<model>.yaml`` (EasyEdit's own layout).
 
 The keys keep EasyEdit's names so that a value can be carried over from its files; knowlm adds ``seed`` (context
 templates are sampled from the model) and ``stats_width`` (corpus tokens per row when the down-projection inputs'
@@ -10,10 +10,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from knowlm.errors import KnowLMError
-from knowlm.files import read_yaml
+from knowlm.files import PACKAGE_DIR, read_yaml
 
 METHODS = ("rome", "memit")
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+HPARAMS_DIR = PACKAGE_DIR / "assets" / "edit" / "hparams"      # <METHOD>/<model>.yaml, as EasyEdit's hparams/
 # EasyEdit keys that describe where things live in a torch model or on disk, not the algorithm.
 IGNORED = {"alg_name", "model_name", "device", "stats_dir", "model_parallel", "rewrite_module_tmp",
            "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module",
@@ -83,13 +83,13 @@ def default_hparams_file(config, method) -> Path:
     shape = ("hidden_size", "num_layers", "intermediate_size", "vocab_size")
     for name, (_, preset) in PRESETS.items():
         if all(getattr(config, key) == preset[key] for key in shape):
-            path = CONFIGS / _folder(name) / f"edit_{method}.yaml"
+            path = HPARAMS_DIR / method.upper() / f"{_model_name(name)}.yaml"
             if path.is_file():
                 return path
     raise KnowLMError(f"--hparams: no shipped {method.upper()} hyperparameters for a model of hidden size "
                       f"{config.hidden_size} and {config.num_layers} layers; pass --hparams FILE.yaml "
-                      f"(see {CONFIGS / 'smollm2' / f'edit_{method}.yaml'})")
+                      f"(see {HPARAMS_DIR / method.upper() / 'smollm2.yaml'})")
 
 
-def _folder(preset):
-    return "knowlm_13b" if preset.startswith("knowlm-13b") else preset
+def _model_name(preset):
+    return "knowlm-13b" if preset.startswith("knowlm-13b") else preset

@@ -63,23 +63,33 @@ class Probe(nn.Cell):
         return x, ops.stack(keys), ops.stack(outs)
 
 
-class NextLogits(nn.Cell):
-    """The whole model on ``[rows, width]`` tokens, logits only at ``picks`` (flat ``row * width + position``):
-    sampling a few short rows without a full-width forward and a full-width vocabulary projection."""
+class Tail(nn.Cell):
+    """Blocks ``first..`` of ``model`` from a residual stream ``x`` (``[rows, width, hidden]``), the final norm, and
+    the logits only at ``picks`` (flat ``row * width + position``): no full-width vocabulary projection."""
 
-    def __init__(self, model, width):
+    def __init__(self, model, first, width):
         super().__init__(auto_prefix=False)
-        self.model, self.llama, self.width = model, model.model, width
+        self.model, self.llama, self.first, self.width = model, model.model, first, width
         self.mask = _causal_mask(width)
 
-    def construct(self, tokens, picks):
+    def construct(self, x, picks):
         llama = self.llama
         freqs = llama.freqs_mgr(self.width)
-        x = llama.tok_embeddings(tokens)
-        for i in range(llama.num_layers):
+        for i in range(self.first, llama.num_layers):
             x = llama.layers[i](x, freqs, self.mask)
         x = ops.gather(llama.norm_out(x).reshape((-1, x.shape[-1])), picks, 0)
         return self.model.lm_head(x)
+
+
+class NextLogits(nn.Cell):
+    """The whole model on ``[rows, width]`` tokens, logits at ``picks``: sampling a few short rows."""
+
+    def __init__(self, model, width):
+        super().__init__(auto_prefix=False)
+        self.llama, self.tail = model.model, Tail(model, 0, width)
+
+    def construct(self, tokens, picks):
+        return self.tail(self.llama.tok_embeddings(tokens), picks)
 
 
 def all_logits(model, rows: np.ndarray) -> np.ndarray:
@@ -101,22 +111,11 @@ class EditLoss(nn.Cell):
 
     def __init__(self, model, layer, width):
         super().__init__(auto_prefix=False)
-        self.model, self.llama, self.layer, self.width = model, model.model, layer, width
-        self.mask = _causal_mask(width)
+        self.tail = Tail(model, layer + 1, width)
         self.log_softmax = nn.LogSoftmax(-1)
 
-    def log_probs(self, hidden, picks):
-        llama = self.llama
-        freqs = llama.freqs_mgr(self.width)
-        x = hidden
-        for i in range(self.layer + 1, llama.num_layers):
-            x = llama.layers[i](x, freqs, self.mask)
-        x = llama.norm_out(x)
-        x = ops.gather(x.reshape((-1, x.shape[-1])), picks, 0)
-        return self.log_softmax(self.model.lm_head(x))
-
     def construct(self, delta, hidden, where, picks, targets, weights, kl_picks, kl_init, kl_weight):
-        log_probs = self.log_probs(hidden + where * delta, ops.concat((picks, kl_picks)))
+        log_probs = self.log_softmax(self.tail(hidden + where * delta, ops.concat((picks, kl_picks))))
         count = picks.shape[0]
         chosen = ops.gather_elements(log_probs[:count], 1, targets.reshape((-1, 1))).reshape((-1,))
         nll = -(chosen * weights).sum()

@@ -11,7 +11,8 @@ import transformers
 
 from knowlm.checkpoints import stream
 from knowlm.checkpoints.model_dir import checkpoint_files
-from knowlm.cli import EDIT_SET, main
+from knowlm.cli import main
+from knowlm.edit.cli import EDIT_SET
 from knowlm.edit import memit
 from knowlm.models.packaged import packaged_model_dir
 from reference import fails_with_one_line, needs_smollm2

@@ -9,7 +9,8 @@ import torch
 
 from knowlm import KnowLMForCausalLM
 from knowlm.checkpoints.model_dir import load_config
-from knowlm.cli import EDIT_SET, main
+from knowlm.cli import main
+from knowlm.edit.cli import EDIT_SET
 from knowlm.edit.evaluate import TeacherForcing, accuracy, score_requests
 from knowlm.edit.requests import read_requests
 from knowlm.models.packaged import packaged_model_dir

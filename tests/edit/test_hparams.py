@@ -2,19 +2,19 @@
 mistakes refused with one line."""
 import pytest
 
-from knowlm.edit.hparams import CONFIGS, EditHParams, default_hparams_file, read_hparams
+from knowlm.edit.hparams import HPARAMS_DIR, EditHParams, default_hparams_file, read_hparams
 from knowlm.errors import KnowLMError
 from knowlm.models.config import KnowLMConfig
 from reference import one_line_error
 
 
-@pytest.mark.parametrize("model", ["smollm2", "knowlm_13b", "tiny"])
+@pytest.mark.parametrize("model", ["smollm2", "knowlm-13b", "tiny"])
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_shipped_files_read_and_fit_their_model(model, method):
-    preset = {"knowlm_13b": "knowlm-13b-zhixi"}.get(model, model)
+    preset = {"knowlm-13b": "knowlm-13b-zhixi"}.get(model, model)
     config = KnowLMConfig.from_name(preset)
     path = default_hparams_file(config, method)
-    assert path == CONFIGS / model / f"edit_{method}.yaml"
+    assert path == HPARAMS_DIR / method.upper() / f"{model}.yaml"
     hparams = read_hparams(path).check(config.num_layers, method)
     assert hparams.v_lr == 0.5 and hparams.kl_factor == 0.0625 and hparams.fact_token == "subject_last"
 

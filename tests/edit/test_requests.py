@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from knowlm.cli import EDIT_SET
+from knowlm.edit.cli import EDIT_SET
 from knowlm.edit.requests import read_requests
 from reference import one_line_error
 
