@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
+
 from knowlm.errors import KnowLMError
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -50,11 +51,15 @@ def document_start(tokenizer) -> list:
     return [token] if isinstance(token, int) and tokenizer.convert_ids_to_tokens(token) == ENDOFTEXT else []
 
 
+def round_up(count, multiple) -> int:
+    return -(-count // multiple) * multiple
+
+
 def _grow(cells, rows, length, rng):
     """Top-k sampling, every row to ``length`` tokens: all rows in one call per token."""
-    width = -(-length // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    width = round_up(length, WIDTH_MULTIPLE)
     next_logits = cells.next_logits(width)
-    tokens = np.zeros((-(-len(rows) // ROW_MULTIPLE) * ROW_MULTIPLE, width), np.int32)
+    tokens = np.zeros((round_up(len(rows), ROW_MULTIPLE), width), np.int32)
     while any(len(row) < length for row in rows):
         for i, row in enumerate(rows):
             tokens[i, :len(row)] = row
@@ -77,11 +82,11 @@ class Rows:
 
     @classmethod
     def pack(cls, rows, lookups, max_width, pad_id=0, where="request"):
-        width = -(-max(map(len, rows)) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        width = round_up(max(map(len, rows)), WIDTH_MULTIPLE)
         if width > max_width:
             raise KnowLMError(f"{where}: {max(map(len, rows))} tokens with its longest context template; the "
                               f"model runs {max_width} positions (--seq-length)")
-        tokens = np.full((-(-len(rows) // ROW_MULTIPLE) * ROW_MULTIPLE, width), pad_id, np.int32)
+        tokens = np.full((round_up(len(rows), ROW_MULTIPLE), width), pad_id, np.int32)
         for i, row in enumerate(rows):
             tokens[i, :len(row)] = row
         return cls(tokens, list(lookups), [len(row) for row in rows])
@@ -96,9 +101,9 @@ def subject_rows(tokenizer, request, templates, where) -> tuple:
     before = request.prompt[:request.prompt.index(request.subject)]
     rows, lookups = [], []
     for template in templates:
-        row = ids(tokenizer, template + request.prompt)
-        last = len(ids(tokenizer, template + before + request.subject)) - 1
-        if row[:last + 1] != ids(tokenizer, template + before + request.subject):
+        row, head = ids(tokenizer, template + request.prompt), ids(tokenizer, template + before + request.subject)
+        last = len(head) - 1
+        if row[:len(head)] != head:
             raise KnowLMError(f"{where}: the subject {request.subject!r} does not end on a token boundary of "
                               f"{template + request.prompt!r}; put a space or punctuation after it")
         rows.append(row)

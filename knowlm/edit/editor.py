@@ -48,14 +48,15 @@ class Editor:
                                            self.hparams.stats_width, self.echo)
         return self._moments
 
+    def _params(self) -> dict:
+        return {param.name: param for param in (rewritten_weight(self.model, layer) for layer in self.layers)}
+
     def weights(self) -> dict:
         """``{parameter name: float32 array}`` of the matrices an edit rewrites."""
-        return {rewritten_weight(self.model, layer).name: rewritten_weight(self.model, layer).asnumpy()
-                for layer in self.layers}
+        return {name: param.asnumpy() for name, param in self._params().items()}
 
     def restore(self, weights):
-        params = {rewritten_weight(self.model, layer).name: rewritten_weight(self.model, layer)
-                  for layer in self.layers}
+        params = self._params()
         for name, array in weights.items():
             params[name].set_data(ms.Tensor(array))
 
@@ -71,20 +72,19 @@ class Editor:
         """Edit the model in memory; one log line per request (or batch). Returns each request's ``Value``."""
         templates, moments = self.templates(), self.moments()
         where = where or ("requests" if self.method == "memit" else "request")
+        labels = [where] if len(requests) == 1 else [f"{where} {i}" for i in range(len(requests))]
         started = time.time()
         if self.method == "memit":
             values = memit_updates(self.cells, self.tokenizer, requests, templates, self.hparams, moments,
                                    lambda layer, delta: self._add(layer, delta, where), where)
         else:
             values = []
-            for i, request in enumerate(requests):
-                label = where if len(requests) == 1 else f"{where} {i}"
+            for request, label in zip(requests, labels):
                 layer, delta, value = rome_update(self.cells, self.tokenizer, request, templates, self.hparams,
                                                   moments, label)
                 self._add(layer, delta, label)
                 values.append(value)
-        for i, (request, value) in enumerate(zip(requests, values)):
-            label = where if len(requests) == 1 else f"{where} {i}"
+        for request, value, label in zip(requests, values, labels):
             self.echo(f"  {label}: {request.subject!r} -> {request.target_new!r}: value loss "
                       f"{value.losses[0]:.3f} -> {value.losses[1]:.3f} in {value.steps} steps")
         self.echo(f"  {self.method.upper()} on layer(s) {list(self.layers)}: {len(requests)} request(s) in "
