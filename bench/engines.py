@@ -130,14 +130,14 @@ class KnowLM(Engine):
     def decode_step(self, ids, n):
         # Timed inside one generation by a streamer (the prompt, then each new token as it comes): the difference of
         # two generations was dominated by the variance of a 2000-token prefill.
-        clock = _Clock()
+        clock = Clock()
         out = self.model.generate(list(ids), max_new_tokens=n + 1, do_sample=False, eos_token_id=NEVER, streamer=clock)
         if len(out[0]) - len(ids) != n + 1 or len(clock.times) != n + 2:
             raise RuntimeError(f"asked for {n + 1} tokens, got {len(out[0]) - len(ids)} ({len(clock.times)} puts)")
         return {"step_s": (clock.times[-1] - clock.times[1]) / n}
 
 
-class _Clock:
+class Clock:
     """A streamer that notes when each put comes: the prompt, then every new token (a chunk of decode steps puts
     its tokens when the chunk is done)."""
 
@@ -193,15 +193,7 @@ class LlamaCpp(Engine):
 
     def load(self):
         if not self.spec.get("extra_bufts", True):
-            # No extra buffer types: on x86 that is AMX alone for these files (llama.cpp repacks Q8_0 only on ARM
-            # and RISC-V), whose tile instructions fault in a VM that reports AMX without running it.
-            defaults = self.llama_cpp.llama_cpp.llama_model_default_params
-
-            def params():
-                value = defaults()
-                value.use_extra_bufts = False
-                return value
-            self.llama_cpp.llama_cpp.llama_model_default_params = params
+            without_extra_bufts(self.llama_cpp)
         self.llm = self.llama_cpp.Llama(
             model_path=self.spec["model"], n_ctx=self.ctx, n_batch=min(self.ctx, 2048), n_ubatch=512,
             n_threads=THREADS, n_threads_batch=THREADS, logits_all=False, flash_attn=self.spec["flash_attn"],
@@ -227,6 +219,18 @@ class LlamaCpp(Engine):
     def step(self, token):
         self.llm.eval([token])
         return self._argmax()
+
+
+def without_extra_bufts(llama_cpp):
+    """Load llama.cpp models with no extra buffer types: on x86 that is AMX alone for these files (llama.cpp repacks
+    Q8_0 only on ARM and RISC-V), whose tile instructions fault in a VM that reports AMX without running it."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        value = defaults()
+        value.use_extra_bufts = False
+        return value
+    llama_cpp.llama_cpp.llama_model_default_params = params
 
 
 ENGINES = {"knowlm": KnowLM, "transformers": Transformers, "llama.cpp": LlamaCpp}

@@ -110,16 +110,13 @@ def start_knowlm(model_dir, ctx, max_batch, workdir):
     return server.wait(f"http://127.0.0.1:{port}")
 
 
-LLAMA_LAUNCHER = """
+LLAMA_LAUNCHER = f"""
 import sys
+sys.path.insert(0, {str(HERE)!r})
 if sys.argv.pop(1) == "no-extra-bufts":      # AMX reported by the CPU but not runnable in this VM (bench/real.py)
     import llama_cpp
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-    def params():
-        value = defaults()
-        value.use_extra_bufts = False
-        return value
-    llama_cpp.llama_cpp.llama_model_default_params = params
+    from engines import without_extra_bufts
+    without_extra_bufts(llama_cpp)
 from llama_cpp.server.__main__ import main
 main()
 """

@@ -24,8 +24,7 @@ def cmd_generate(args):
     _frameworks(args)
     from knowlm.generate import check_generation, generate
     from knowlm.models.load import RANDOM_INIT_PRESETS, load_model
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, top_k=args.top_k, top_p=args.top_p,
-                   temperature=args.temperature, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, **_sampling_options(args))
     check_generation(**options)         # before a model is loaded
     if args.model in RANDOM_INIT_PRESETS:
         print(f"knowlm: preset {args.model!r} has random weights: its text is noise; "
@@ -39,8 +38,25 @@ def cmd_generate(args):
         print(text if chat else prompt + text)      # a chat prints the answer; a raw prompt, its continuation
 
 
+def _sampling():
+    """How tokens are chosen, shared by generate and extract (``knowlm.generate.check_generation``)."""
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    sampling.add_argument("--top-k", type=int, default=50)
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
+    sampling.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    return sampling
+
+
+def _sampling_options(args):
+    return dict(do_sample=args.do_sample, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
 def add_generate(verbs):
-    gen = verbs.add_parser("generate", help="continue one or more prompts")
+    gen = verbs.add_parser("generate", parents=[_sampling()], help="continue one or more prompts")
     gen.add_argument("prompt", nargs="+", help="prompt text; several prompts run as one batch")
     gen.add_argument("--model", default="tiny",
                      help="model directory, 'smollm2' (the packaged real model), yaml file, pipeline name "
@@ -48,12 +64,6 @@ def add_generate(verbs):
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--seq-length", type=int, help="positions to run the model at (prompt + new tokens); default: "
                                                     "the model's (512 for smollm2)")
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
     chat = gen.add_mutually_exclusive_group()
     chat.add_argument("--chat", action="store_true",
@@ -257,10 +267,10 @@ def cmd_extract(args):
     from knowlm.ie.extract import extract_file
     from knowlm.ie.prompts import default_family
     generate = text_generator(args.model, args.batch_size, max_new_tokens=args.max_new_tokens,
-                              repetition_penalty=args.repetition_penalty)
+                              **_sampling_options(args))
     written, skipped = extract_file(generate, args.input, args.output, args.task, args.schema, resume=args.resume,
                                     batch_size=args.batch_size, family=args.family or default_family(args.model),
-                                    chat=args.chat, **_ie_prompting(args))
+                                    chat=args.chat, constrained=args.constrained, **_ie_prompting(args))
     print(f"extract: {args.output}: {written} records written" + (f", {skipped} already there" if skipped else ""))
 
 
@@ -310,7 +320,7 @@ def _prompting():
 
 
 def add_extract(verbs):
-    ext = verbs.add_parser("extract", parents=[_prompting()],
+    ext = verbs.add_parser("extract", parents=[_prompting(), _sampling()],
                            help="extract relations, entities or events with a model")
     ext.add_argument("--model", required=True, help="model directory, yaml file, pipeline name or 'tiny'")
     ext.add_argument("--task", default="re", help="re (relations, default), ner (entities) or ee (events)")
@@ -324,7 +334,9 @@ def add_extract(verbs):
                      help="prompt family; default from the model name: oneke for *oneke*, else knowlm")
     ext.add_argument("--chat", choices=("alpaca", "llama2"), help="chat template; default the family's")
     ext.add_argument("--max-new-tokens", type=int, default=256)
-    ext.add_argument("--repetition-penalty", type=float, default=1.0)
+    ext.add_argument("--constrained", action="store_true",
+                     help="decode only valid answers: names from the schema, entities from the input text, in the "
+                          "answer format (re and ner; tuple formats and oneke), ended within --max-new-tokens")
     ext.set_defaults(run=cmd_extract)
 
 

@@ -4,6 +4,8 @@ such a function from anything ``load_model`` accepts, for ``knowlm.ie.extract``.
 Every option is checked where it enters, under the name of its command-line flag; nothing is capped or replaced
 without a word.
 """
+from knowlm.constrain.constraint import vocabulary_of
+from knowlm.constrain.decode import Picker
 from knowlm.errors import KnowLMError
 from knowlm.models.llama import padding_id
 from knowlm.models.load import load_model
@@ -38,7 +40,7 @@ def check_generation(max_new_tokens=64, do_sample=False, top_k=50, top_p=1.0, te
 
 
 def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_k=50, top_p=1.0,
-             temperature=1.0, repetition_penalty=1.0, seed=None, chat=None):
+             temperature=1.0, repetition_penalty=1.0, seed=None, chat=None, grammars=None):
     """Continue each prompt; returns the generated text only (prompt excluded), one string per prompt.
 
     ``chat``: None, the prompt is raw text; ``"model"``, each prompt is a user turn in the model's own chat template
@@ -69,7 +71,15 @@ def generate(model, tokenizer, prompts, max_new_tokens=64, do_sample=False, top_
     width = max(len(ids) for ids in encoded)
     pad = padding_id(encoded, tokenizer.pad_token_id)
     padded = [ids + [pad] * (width - len(ids)) for ids in encoded]
-    outputs = model.generate(padded, pad_token_id=pad, **options)
+    if grammars is None:
+        outputs = model.generate(padded, pad_token_id=pad, **options)
+    else:
+        if len(grammars) != len(prompts):
+            raise KnowLMError(f"{len(grammars)} grammars for {len(prompts)} prompts; expected one per prompt")
+        eos = model.config.eos_token_id
+        vocabulary = vocabulary_of(tokenizer, eos if isinstance(eos, (list, tuple)) else [eos])
+        pick = Picker(grammars, vocabulary, encoded, **{k: v for k, v in options.items() if k != "max_new_tokens"})
+        outputs = model.generate(padded, pad_token_id=pad, max_new_tokens=max_new_tokens, pick=pick)
     return [tokenizer.decode(list(out[len(ids):]), skip_special_tokens=True) for ids, out in zip(encoded, outputs)]
 
 
@@ -86,17 +96,17 @@ def encode_prompts(tokenizer, prompts, chat=None) -> list:
 
 
 def text_generator(model, batch_size, seq_length=None, **generation):
-    """A function from a list of prompts to their continuations: ``generate`` with ``generation`` options over
-    ``load_model(model)`` (at ``seq_length`` positions, default the model's), loaded at the first call, so that bad
-    input fails before a large model is loaded."""
+    """A function from a list of prompts (and optionally their answer grammars) to their continuations:
+    ``generate`` with ``generation`` options over ``load_model(model)`` (at ``seq_length`` positions, default the
+    model's), loaded at the first call, so that bad input fails before a large model is loaded."""
     check_generation(**generation)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise KnowLMError(f"--batch-size {batch_size}: expected an integer >= 1")
     loaded = []
 
-    def run(prompts):
+    def run(prompts, grammars=None):
         if not loaded:
             sizes = {"seq_length": seq_length} if seq_length else {}
             loaded.extend(load_model(model, use_past=True, batch_size=batch_size, **sizes))
-        return generate(*loaded, prompts, **generation)
+        return generate(*loaded, prompts, grammars=grammars, **generation)
     return run

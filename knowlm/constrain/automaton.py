@@ -62,18 +62,44 @@ class OneOf:
 @dataclass(frozen=True)
 class Span:
     automaton: SuffixAutomaton = field(compare=False, hash=False)   # of ``span_source``'s bytes
+    slack: int = 4              # bytes that always suffice to end a span begun anywhere (``span_of``)
 
 
+INF = float("inf")
 BOUNDARY = 0xFF                             # never in UTF-8: marks where no span may reach across
+WORD_EDGE = 0xFE                            # never in UTF-8: where a word of ASCII letters and digits starts or ends
+
+
+def _ascii_word(c):
+    return c.isascii() and c.isalnum()
 
 
 def span_source(text, forbidden=frozenset()) -> bytes:
-    """``text`` as UTF-8 with each ``forbidden`` character (a format's own delimiters) replaced by ``BOUNDARY``:
-    the substrings of the result are the spans that hold none of them, and no span can run into one and stall."""
-    return b"".join(bytes([BOUNDARY]) if c in forbidden else c.encode("utf-8") for c in text)
+    """``text`` as UTF-8 with each ``forbidden`` character (a format's own delimiters) replaced by ``BOUNDARY``, and
+    ``WORD_EDGE`` wherever an ASCII word starts or ends: the substrings of the result are the spans that hold no
+    forbidden character (none can run into one and stall), and a span reads whole words of alphabetic text
+    ("Paris", never "aris" or "Par"), while CJK text, which has no such edges, may be cut anywhere."""
+    out, previous = [], ""
+    for c in text:
+        if _ascii_word(c) != _ascii_word(previous) and (previous or _ascii_word(c)):
+            out.append(bytes([WORD_EDGE]))
+        out.append(bytes([BOUNDARY]) if c in forbidden else c.encode("utf-8"))
+        previous = c
+    if _ascii_word(previous):
+        out.append(bytes([WORD_EDGE]))
+    return b"".join(out)
 
 
 _LOOSE_END = frozenset(" \t\r\n,，")      # a span ending on these would parse as another string (stripped, split)
+
+
+def span_of(text, forbidden=frozenset()) -> Span:
+    """The ``Span`` element of ``text``'s substrings that hold no ``forbidden`` character."""
+    longest = run = 0
+    for c in text:          # the longest run of characters a span may not end on: what ending it can take
+        run = run + 1 if c in _LOOSE_END else 0
+        longest = max(longest, run)
+    return Span(SuffixAutomaton(span_source(text, forbidden)), 4 * (longest + 1))
 
 
 def _starts_word(byte):
@@ -86,11 +112,65 @@ def _pending(byte):
     return 3 if byte >= 0xF0 else 2 if byte >= 0xE0 else 1 if byte >= 0xC0 else 0
 
 
+# Inside a span, progress is (automaton state, bytes of an unfinished character, last whole character); None before
+# its first byte.
+def _span_step(automaton, progress, byte):
+    """The progress after one more byte, or None where the span cannot take it."""
+    if byte >= WORD_EDGE or (progress is None and not _starts_word(byte)):
+        return None                                     # it starts on a letter, digit or CJK character
+    state, last = (0, "") if progress is None else (progress[0], progress[2])
+    if not (progress and progress[1]) and (byte < 0x80 and chr(byte).isalnum()) != _ascii_word(last):
+        # The byte starts a character of the other kind than the last one (ASCII word or not): an ASCII word starts
+        # or ends between them, which the input marks with an edge.
+        state = automaton.step(state, WORD_EDGE)
+        if state is None:
+            return None
+    state = automaton.step(state, byte)
+    if state is None:
+        return None
+    pending = (progress[1] if progress else b"") + bytes([byte])
+    if len(pending) < 1 + _pending(pending[0]):         # inside a multi-byte character
+        return (state, pending, last)
+    return (state, b"", pending.decode("utf-8"))
+
+
+def _span_may_end(automaton, progress):
+    """A span ends on a whole character that is not a blank or a comma, and an ASCII word only where it ends."""
+    if progress is None or progress[1] or progress[2] in _LOOSE_END:
+        return False
+    return not _ascii_word(progress[2]) or automaton.step(progress[0], WORD_EDGE) is not None
+
+
+def _next_bytes(automaton, progress):
+    state = 0 if progress is None else progress[0]
+    found = set(automaton.next[state])
+    edge = automaton.step(state, WORD_EDGE)
+    return found | set(automaton.next[edge]) if edge is not None else found
+
+
+def _span_finish(automaton, progress):
+    """The fewest bytes after which the span could end (breadth first through the input); None if it never can."""
+    frontier, seen, depth = [progress], set(), 0
+    while frontier:
+        if any(_span_may_end(automaton, p) for p in frontier):
+            return depth
+        following = []
+        for p in frontier:
+            for byte in _next_bytes(automaton, p):
+                q = _span_step(automaton, p, byte)
+                if q is not None and q not in seen:
+                    seen.add(q)
+                    following.append(q)
+        frontier, depth = following, depth + 1
+    return None
+
+
 class Grammar:
     """Nodes ``0..n``; ``edges[node]``: ``(element, next node)`` pairs; the answer may end at ``accept`` nodes."""
 
     def __init__(self):
         self.edges, self.accept, self.masks = [[]], set(), {}
+        self.distances, self.node_distances, self.first_bytes = {}, None, {}
 
     def node(self) -> int:
         self.edges.append([])
@@ -106,8 +186,7 @@ class Grammar:
         return any(config[0] == "at" and config[1] in self.accept for config in state.configs)
 
     # A config is ("at", node) between elements, or ("in", node, edge index, progress) inside one:
-    # Literal: bytes matched; OneOf: the prefix so far; Span: (automaton state, bytes of an unfinished character,
-    # last character).
+    # Literal: bytes matched; OneOf: the prefix so far; Span: see ``_span_step``.
     def advance(self, state, byte) -> "State":
         found = set()
         for config in state.configs:
@@ -132,18 +211,91 @@ class Grammar:
             if prefix in element.names:
                 yield ("at", target)
         else:
-            if progress is not None and not progress[1] and progress[2] not in _LOOSE_END:
+            if _span_may_end(element.automaton, progress):
                 yield from self._step(("at", target), byte)     # a span ends on a character, not on a blank
-            if byte == BOUNDARY or (progress is None and not _starts_word(byte)):
-                return                                          # it starts on a letter, digit or CJK character
-            automaton_state = element.automaton.step(0 if progress is None else progress[0], byte)
-            if automaton_state is None:
-                return
-            pending = (progress[1] if progress else b"") + bytes([byte])
-            if len(pending) < 1 + _pending(pending[0]):         # inside a multi-byte character
-                yield ("in", node, index, (automaton_state, pending, progress[2] if progress else ""))
-                return
-            yield ("in", node, index, (automaton_state, b"", pending.decode("utf-8")))
+            following = _span_step(element.automaton, progress, byte)
+            if following is not None:
+                yield ("in", node, index, following)
+
+    def next_bytes(self, state) -> set:
+        """The bytes that may follow ``state``: a superset (``advance`` decides), so that a walk of the vocabulary's
+        trie follows a few of a node's children, not all 256."""
+        found = set()
+        for config in state.configs:
+            found |= self._config_bytes(config)
+        return found
+
+    def _config_bytes(self, config):
+        if config[0] == "at":
+            node = config[1]
+            if node not in self.first_bytes:
+                self.first_bytes[node] = set().union(*(self._element_bytes(element, None)
+                                                       for element, _ in self.edges[node]))
+            return self.first_bytes[node]
+        _, node, index, progress = config
+        element, target = self.edges[node][index]
+        found = self._element_bytes(element, progress)
+        if isinstance(element, Span) and _span_may_end(element.automaton, progress):
+            found = found | self._config_bytes(("at", target))
+        return found
+
+    @staticmethod
+    def _element_bytes(element, progress):
+        if isinstance(element, Literal):
+            return {element.text[progress or 0]}
+        if isinstance(element, OneOf):
+            prefix = progress or b""
+            return {name[len(prefix)] for name in element.names if len(name) > len(prefix) and name.startswith(prefix)}
+        return _next_bytes(element.automaton, progress)
+
+    # ---- how far an answer is from its end, in bytes: what keeps it inside a token budget (``constraint``)
+
+    def distance(self, state) -> float:
+        """The fewest bytes that take ``state`` to a place where the answer may end (inf: none do)."""
+        found = self.distances.get(state)
+        if found is None:
+            found = self.distances[state] = min((self._config_distance(c) for c in state.configs), default=INF)
+        return found
+
+    def horizon(self) -> float:
+        """A bound on ``distance`` of any state: closer to the budget's end than this, tokens are checked."""
+        nodes = [d for d in self._node_distances() if d < INF]
+        inner = [len(e.text) if isinstance(e, Literal) else max(map(len, e.names)) if isinstance(e, OneOf)
+                 else e.slack for edges in self.edges for e, _ in edges]
+        return max(nodes, default=0) + max(inner, default=0)
+
+    def _node_distances(self):
+        if self.node_distances is None:
+            found = [0 if node in self.accept else INF for node in range(len(self.edges))]
+            for _ in range(len(self.edges)):            # Bellman-Ford: edges have positive lengths
+                for node, edges in enumerate(self.edges):
+                    for element, target in edges:
+                        found[node] = min(found[node], self._shortest(element) + found[target])
+            self.node_distances = found
+        return self.node_distances
+
+    def _shortest(self, element):
+        if isinstance(element, Literal):
+            return len(element.text)
+        if isinstance(element, OneOf):
+            return min(map(len, element.names))
+        finish = _span_finish(element.automaton, None)
+        return INF if finish is None else finish
+
+    def _config_distance(self, config):
+        nodes = self._node_distances()
+        if config[0] == "at":
+            return nodes[config[1]]
+        _, node, index, progress = config
+        element, target = self.edges[node][index]
+        if isinstance(element, Literal):
+            inner = len(element.text) - (progress or 0)
+        elif isinstance(element, OneOf):
+            inner = min(len(name) - len(progress) for name in element.names if name.startswith(progress))
+        else:
+            finish = _span_finish(element.automaton, progress)
+            inner = INF if finish is None else finish
+        return inner + nodes[target]
 
 
 @dataclass(frozen=True)
@@ -187,17 +339,23 @@ def allowed_tokens(grammar, trie, state) -> list:
     same states recur (the start of every tuple, of every span)."""
     key = (id(trie), state)
     if key not in grammar.masks:
-        grammar.masks[key] = _walk(grammar, trie, state)
+        grammar.masks[key] = [token for token, _ in walk(grammar, trie, state)]
     return grammar.masks[key]
 
 
-def _walk(grammar, trie, state) -> list:
-    allowed, stack = [], [(0, state)]
+def walk(grammar, trie, state, node=0) -> list:
+    """``(token, state after it)`` for every token below trie node ``node`` whose bytes from there keep ``state`` on
+    a path of ``grammar``."""
+    found, stack = [], [(node, state)]
     while stack:
         node, current = stack.pop()
-        for byte, child in trie.children[node].items():
+        children = trie.children[node]
+        for byte in grammar.next_bytes(current):
+            child = children.get(byte)
+            if child is None:
+                continue
             following = grammar.advance(current, byte)
             if following:
-                allowed.extend(trie.ends[child])
+                found.extend((token, following) for token in trie.ends[child])
                 stack.append((child, following))
-    return allowed
+    return found

@@ -10,7 +10,7 @@
 
 Names (relations, entity types) come only from the schema; heads, tails and entities only from the input text.
 """
-from knowlm.constrain.automaton import Grammar, Literal, OneOf, Span, SuffixAutomaton, span_source
+from knowlm.constrain.automaton import Grammar, Literal, OneOf, span_of
 from knowlm.errors import KnowLMError
 from knowlm.ie.formats import FORMATS, NAN
 
@@ -29,8 +29,8 @@ def answer_grammar(task, fmt, language, schema, text) -> Grammar:
     text = text.strip()
     names = [str(item) for item in schema]
     if spec.style == "oneke":
-        return _oneke(task, names, Span(SuffixAutomaton(span_source(text, _JSON_UNSAFE))))
-    span = Span(SuffixAutomaton(span_source(text, frozenset(spec.brackets) | _SEPARATORS)))
+        return _oneke(task, names, span_of(text, _JSON_UNSAFE))
+    span = span_of(text, frozenset(spec.brackets) | _SEPARATORS)
     return _tuples(task, names, span, spec.brackets,
                    "," if language == "zh" else ", ")
 

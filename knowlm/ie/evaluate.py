@@ -13,7 +13,7 @@ from knowlm.errors import KnowLMError
 from knowlm.ie.files import read_jsonl, record_key
 from knowlm.ie.formats import FORMATS
 from knowlm.ie.metrics import LEVELS, MATCH_MODES, score
-from knowlm.ie.parse import parse
+from knowlm.ie.parse import parse, run_on
 from knowlm.ie.records import RECORD_KEYS, check_task, to_tuples
 
 
@@ -29,8 +29,8 @@ def evaluate(pred_path, gold_path, task="re", by=None, match_mode="normal", fmt=
     predictions = read_predictions(pred_path, task, gold, gold_path, fmt)
     examples = []
     for key, (tuples, group) in gold.items():
-        predicted, unparsable = predictions.get(key, ([], 0))
-        examples.append({"gold": tuples, "predicted": predicted, "unparsable": unparsable,
+        predicted, unparsable, run_on_count = predictions.get(key, ([], 0, 0))
+        examples.append({"gold": tuples, "predicted": predicted, "unparsable": unparsable, "run_on": run_on_count,
                          "missing": key not in predictions, "group": group})
     return {"task": task, "match_mode": match_mode, "by": by, **score(examples, task, match_mode)}
 
@@ -65,7 +65,7 @@ def _gold_answers(task, record, where):
 
 
 def read_predictions(path, task, gold, gold_path, fmt):
-    """``(source, id) -> (tuples, unparsable outputs)``, merged over the lines of each id."""
+    """``(source, id) -> (tuples, unparsable outputs, run-on outputs)``, merged over the lines of each id."""
     predictions = {}
     name = RECORD_KEYS[task]
     for number, record in read_jsonl(path, "predictions"):
@@ -76,28 +76,31 @@ def read_predictions(path, task, gold, gold_path, fmt):
             raise KnowLMError(f"{where}: id {key[1]!r}{source} is not in the gold file {gold_path}")
         if name in record:
             tuples = to_tuples(task, record[name], where)
-            unparsable = record.get("unparsable", 0)
-            if not isinstance(unparsable, int):
-                raise KnowLMError(f"{where}: 'unparsable' must be a count, got {json.dumps(unparsable)}")
+            unparsable, going_on = record.get("unparsable", 0), record.get("run_on", 0)
+            for field, value in (("unparsable", unparsable), ("run_on", going_on)):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise KnowLMError(f"{where}: {field!r} must be a count, got {json.dumps(value)}")
         elif isinstance(record.get("output"), str):
             parsed = parse(task, record["output"], fmt)
             tuples, unparsable = parsed.records, int(parsed.errors > 0)
+            going_on = int(run_on(task, record["output"], fmt))
         else:
             raise KnowLMError(f"{where}: expected a '{name}' list or a model 'output' string")
-        merged, count = predictions.get(key, ([], 0))
-        predictions[key] = (merged + tuples, count + unparsable)
+        merged, count, runs = predictions.get(key, ([], 0, 0))
+        predictions[key] = (merged + tuples, count + unparsable, runs + going_on)
     return predictions
 
 
 def format_table(scores):
     """The scores as an aligned text table: one row per group (total first) and scored level."""
-    header = ("group", "level", "records", "unparsable", "missing", "gold", "predicted", "correct", "P", "R", "F1")
+    header = ("group", "level", "records", "unparsable", "run-on", "missing", "gold", "predicted", "correct", "P", "R",
+              "F1")
     rows = [header]
     for group, result in [("total", scores["total"]), *scores["groups"].items()]:
         for level in LEVELS[scores["task"]]:
             counts = result[level]
-            rows.append((group, level, result["records"], result["unparsable"], result["missing"], counts["gold"],
-                         counts["predicted"], counts["correct"], f"{counts['precision']:.2f}",
+            rows.append((group, level, result["records"], result["unparsable"], result["run_on"], result["missing"],
+                         counts["gold"], counts["predicted"], counts["correct"], f"{counts['precision']:.2f}",
                          f"{counts['recall']:.2f}", f"{counts['f1']:.2f}"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) if i < 2 else str(cell).rjust(w)

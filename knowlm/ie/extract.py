@@ -10,21 +10,26 @@ from pathlib import Path
 
 from knowlm.errors import KnowLMError
 from knowlm.ie.files import load_schema, read_jsonl, record_key, record_text, schema_for
-from knowlm.ie.parse import merge, parse
+from knowlm.constrain.formats import answer_grammar
+from knowlm.ie.parse import merge, parse, run_on
 from knowlm.ie.prompts import FAMILY_DEFAULTS, build_prompts, check_family
 from knowlm.ie.records import RECORD_KEYS, check_language, check_task, language_of, to_dicts
 from knowlm.tokenizer.chat import chat_template
 
 
 def extract(records, task, schema, generate, family="knowlm", language="auto", template=0, fmt=None,
-            split_num=None, chat=None, batch_size=4):
+            split_num=None, chat=None, batch_size=4, constrained=False):
     """A generator of one result per record of the list ``records`` (dicts with ``id`` and ``text``), in order.
 
     ``schema``: a list of items, or ``{language: list}``; ``generate``: a function from a list of prompt texts
     to the list of their continuations; ``language``: ``auto`` (the record's, see ``language_of``), zh or en.
-    A result is ``{id, [source], text, <relation|entity|event>: [...], unparsable, outputs}``: the merged
-    answers, how many of the record's outputs could not be read in full, and the raw outputs.
-    The settings are checked for every language the records need before anything is generated.
+    A result is ``{id, [source], text, <relation|entity|event>: [...], unparsable, run_on, outputs}``: the merged
+    answers, how many of the record's outputs could not be read in full, how many went on after their answer, and
+    the raw outputs. The settings are checked for every language the records need before anything is generated.
+
+    ``constrained``: each answer is decoded under its grammar (``knowlm.constrain``): names from the prompt's
+    schema items, entities from the record's text, in the answer format; ``generate`` then takes the prompts and
+    their grammars.
     """
     check_family(family)
     check_language(language)
@@ -35,23 +40,29 @@ def extract(records, task, schema, generate, family="knowlm", language="auto", t
     languages = [language_of(record) if language == "auto" else language for record in records]
     for lang in set(languages):
         build_prompts(task, "", schema_for(schema, lang, "schema"), family, lang, template, fmt, split_num)
+        if constrained:
+            answer_grammar(task, fmt, lang, schema_for(schema, lang, "schema"), "")
+    grammar = (lambda prompt, lang, text: answer_grammar(task, fmt, lang, prompt.schema, text)) if constrained \
+        else None
     return _results(records, languages, task, schema, generate, family, template, fmt, split_num,
-                    chat_template(chat), batch_size)
+                    chat_template(chat), batch_size, grammar)
 
 
-def _results(records, languages, task, schema, generate, family, template, fmt, split_num, chat, batch_size):
+def _results(records, languages, task, schema, generate, family, template, fmt, split_num, chat, batch_size,
+             grammar):
     pending = deque()  # (record, prompts, answers) in input order
-    queue = []         # (record, its answers, prompt text) waiting for the model
+    queue = []         # (record, its answers, prompt text, its grammar or None) waiting for the model
 
     def run(count):
         batch, queue[:count] = queue[:count], []
+        prompts = [prompt for _, _, prompt, _ in batch]
         try:
-            texts = generate([prompt for *_, prompt in batch])
+            texts = generate(prompts, [g for *_, g in batch]) if grammar else generate(prompts)
         except KnowLMError as err:      # e.g. a prompt too long for the model (knowlm.generate.PromptTooLong)
             if getattr(err, "index", None) is None:
                 raise
             raise RecordError(batch[err.index][0], str(err)) from None
-        for (_, answers, _), text in zip(batch, texts):
+        for (_, answers, _, _), text in zip(batch, texts):
             answers.append(chat.answer(text))
 
     def finished():
@@ -63,7 +74,8 @@ def _results(records, languages, task, schema, generate, family, template, fmt, 
                                 fmt, split_num)
         answers = []
         pending.append((record, prompts, answers))
-        queue.extend((record, answers, chat.render(prompt.instruction, prompt.input)) for prompt in prompts)
+        queue.extend((record, answers, chat.render(prompt.instruction, prompt.input),
+                      grammar(prompt, lang, record["text"]) if grammar else None) for prompt in prompts)
         while len(queue) >= batch_size:
             run(batch_size)
             yield from finished()
@@ -84,7 +96,8 @@ def _result(task, fmt, record, prompts, answers):
     parts = [parse(task, answer, fmt, prompt.schema) for prompt, answer in zip(prompts, answers)]
     return {"id": record["id"], **({"source": record["source"]} if "source" in record else {}),
             "text": record["text"], RECORD_KEYS[task]: to_dicts(task, merge(parts).records),
-            "unparsable": sum(1 for part in parts if part.errors), "outputs": answers}
+            "unparsable": sum(1 for part in parts if part.errors),
+            "run_on": sum(run_on(task, answer, fmt) for answer in answers), "outputs": answers}
 
 
 def extract_file(generate, input_path, output_path, task, schema_path, resume=False, language="auto", **options):

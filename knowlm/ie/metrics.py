@@ -40,14 +40,15 @@ class Tally:
 
     def __init__(self, task, match_mode="normal"):
         self.task, self.match_mode = task, match_mode
-        self.records = self.unparsable = self.missing = 0
+        self.records = self.unparsable = self.run_on = self.missing = 0
         self.counts = {level: [0, 0, 0] for level in LEVELS[task]}  # gold, predicted, correct
 
-    def add(self, gold, predicted, unparsable=0, missing=False):
+    def add(self, gold, predicted, unparsable=0, missing=False, run_on=0):
         """One record: its gold and predicted tuples, how many of its outputs were unparsable, whether the
-        predictions lacked it altogether."""
+        predictions lacked it altogether, how many of its outputs went on after their answer."""
         self.records += 1
         self.unparsable += unparsable
+        self.run_on += run_on
         self.missing += missing
         predicted_units = units(self.task, predicted)
         for level, gold_units in units(self.task, gold).items():
@@ -55,7 +56,7 @@ class Tally:
                 self.counts[level][i] += n
 
     def result(self):
-        out = {"records": self.records, "unparsable": self.unparsable, "missing": self.missing}
+        out = {"records": self.records, "unparsable": self.unparsable, "run_on": self.run_on, "missing": self.missing}
         for level, (gold, predicted, correct) in self.counts.items():
             out[level] = {"gold": gold, "predicted": predicted, "correct": correct, **prf(correct, predicted, gold)}
         return out
@@ -63,10 +64,10 @@ class Tally:
 
 def score(examples, task, match_mode="normal"):
     """Scores for ``examples``: dicts with ``gold`` and ``predicted`` tuples, and optionally ``unparsable``,
-    ``missing`` and ``group`` (a source name).
+    ``run_on``, ``missing`` and ``group`` (a source name).
 
     Returns ``{"total": result, "groups": {group: result}}`` (groups sorted by name, empty when none is named);
-    a result holds the record, unparsable and missing counts and, per level, gold / predicted / correct with
+    a result holds the record, unparsable, run-on and missing counts and, per level, gold / predicted / correct with
     precision / recall / f1.
     """
     total, groups = Tally(task, match_mode), {}
@@ -76,5 +77,5 @@ def score(examples, task, match_mode="normal"):
             tallies.append(groups.setdefault(example["group"], Tally(task, match_mode)))
         for tally in tallies:
             tally.add(example["gold"], example["predicted"], example.get("unparsable", 0),
-                      example.get("missing", False))
+                      example.get("missing", False), example.get("run_on", 0))
     return {"total": total.result(), "groups": {name: groups[name].result() for name in sorted(groups)}}

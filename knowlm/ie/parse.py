@@ -32,6 +32,29 @@ def parse(task, text, fmt="tuple", schema=()):
     return Parsed(records, errors)
 
 
+def run_on(task, text, fmt="tuple") -> bool:
+    """Whether the answer goes on after its end: text after its last closed tuple (or its ``NAN``) in a tuple format,
+    after its JSON object in OneKE's. An answer without an end to find (nothing read; other formats) is not."""
+    spec = FORMATS[task][fmt]
+    end = None
+    if spec.style == "oneke":
+        start = text.find("{")
+        try:
+            end = json.JSONDecoder().raw_decode(text, start)[1] if start >= 0 else None
+        except json.JSONDecodeError:
+            end = None
+    elif spec.style == "tuple":
+        for candidate in (text, text.translate(_FULL_WIDTH)):       # one character for one: same positions
+            opening, closing = spec.brackets
+            inside = re.escape(opening + closing)
+            found = [m.end() for m in re.finditer(f"{re.escape(opening)}[^{inside}]*{re.escape(closing)}", candidate)]
+            found = found or [m.end() for m in _NAN_WORD.finditer(candidate)]
+            if found:
+                end = found[-1]
+                break
+    return end is not None and bool(text[end:].strip())
+
+
 def merge(parsed):
     """One ``Parsed`` for the answers to all prompts of a record."""
     return Parsed([record for part in parsed for record in part.records], sum(part.errors for part in parsed))

@@ -9,6 +9,10 @@ Without the kernels, ``greedy_search`` makes the same prefill and decode-step gr
 Python per token (MindFormers' loop spends time per token on asynchronous dispatch, an eager reshape of the logits,
 copies and per-step logging). Its tokens are MindFormers' (tested). Every other kind of call (sampling, logits
 processors, dict outputs, model keyword arguments) goes to MindFormers' ``generate``.
+
+A ``pick`` function (``greedy_search``'s last argument) chooses each row's next token from its logits instead of the
+argmax, one decode step per model call, or, for a pick that takes the argmax wherever it allows it, the steps kernel
+running ahead and its tokens checked (``_picked``): constrained decoding (``knowlm.constrain``) runs this loop.
 """
 import copy
 import time
@@ -39,6 +43,23 @@ def greedy_config(model, generation_config, logits_processor, kwargs):
     if config.update(**kwargs) or config.do_sample or config.return_dict_in_generate \
             or model.get_logits_processor(config, 0, LogitsProcessorList()):
         return None
+    if config.pad_token_id is None:
+        config.pad_token_id = 0
+    return config
+
+
+def picked_config(model, generation_config, kwargs):
+    """The generation config of a ``generate`` call with a ``pick`` function: its lengths, end and padding ids (the
+    choice of tokens is the function's)."""
+    if not model.config.use_past:
+        raise KnowLMError("a pick function (constrained decoding) needs the model's KV cache; load it with "
+                          "use_past=True")
+    unknown = sorted(set(kwargs) - {"max_new_tokens", "max_length", "pad_token_id", "eos_token_id"})
+    if unknown:
+        raise KnowLMError(f"generate with a pick function: {', '.join(unknown)} not supported; the pick function "
+                          "chooses the tokens")
+    config = copy.deepcopy(generation_config or GenerationConfig.from_model_config(model.config))
+    config.update(**kwargs)
     if config.pad_token_id is None:
         config.pad_token_id = 0
     return config
@@ -89,11 +110,15 @@ def _logits(output, rows, starts):
     return logits[starts] if logits.shape[0] > rows else logits
 
 
-def greedy_search(model, input_ids, config, streamer=None):
+def greedy_search(model, input_ids, config, streamer=None, pick=None):
     """Greedy decoding of ``input_ids`` (batch, width; right-padded with ``config.pad_token_id``) with ``model``'s
     KV cache: one prefill graph call, then decode steps (``_decode``). Returns each row's ids, prompt included,
     as MindFormers' ``generate`` does (a row stops at an end-of-sequence token, ``max_new_tokens`` or
-    ``max_length``, whichever comes first; ``max_length`` is capped at the model's ``seq_length``)."""
+    ``max_length``, whichever comes first; ``max_length`` is capped at the model's ``seq_length``).
+
+    ``pick(logits, remaining, finished)``: instead of the argmax, the next token of every row (a list) from the
+    logits (batch, vocab) of the step, each row's count of tokens it may still take (this one included) and which
+    rows have finished (their tokens are ignored)."""
     seq_length = model.config.seq_length
     batch = input_ids.shape[0]
     valid, prompt_length = get_valid_length_each_example(input_ids, config.pad_token_id)
@@ -114,7 +139,7 @@ def greedy_search(model, input_ids, config, streamer=None):
     ids = model._pad_inputs_using_max_length(input_ids, config.pad_token_id)
     model._set_block_mgr(batch, seq_length)
     try:
-        _decode(model, ids, valid, limits, max_length, eos, streamer)
+        _decode(model, ids, valid, limits, max_length, eos, streamer, pick)
     finally:        # an interrupted call leaves no cache blocks taken
         model.block_mgr.clear_cache()
         model.set_train(origin_phase == "train")
@@ -123,68 +148,145 @@ def greedy_search(model, input_ids, config, streamer=None):
     return [ids[i, :valid[i] + 1].astype(np.int32) for i in range(batch)]
 
 
-def _decode(model, ids, valid, limits, max_length, eos, streamer):
+def _decode(model, ids, valid, limits, max_length, eos, streamer, pick):
     # Fills ``ids`` (batch, seq_length) in place and advances ``valid`` (each row's length) as tokens come.
-    batch, seq_length = ids.shape
-    finished = [False] * batch
-    ends = np.minimum(limits, max_length)
-    forward = model.__dict__.get("forward_kernel")
-    rows = np.arange(batch)
-    block_tables, slot_mapping = model.block_mgr.assemble_pa_full_inputs(seq_length, valid, finished)
-    if forward is not None:
-        columns = [prefill(forward, ids, valid, block_tables).argmax(-1).tolist()]
+    rows = _Rows(model, ids, valid, np.minimum(limits, max_length), eos, streamer)
+    logits = rows.prefill()
+    # A batch's finished rows get no tokens from the steps kernel, where MindFormers' loop streams what their decode
+    # step computed; more rows than GEMV_MAX_ROWS take MatMul, not the kernel's product, in the decode-step graph.
+    steps = model.__dict__.get("decode_steps") if (streamer is None or len(ids) == 1) and len(ids) <= GEMV_MAX_ROWS \
+        else None
+    if pick is None:
+        _greedy(rows, logits.argmax(-1).tolist(), steps)
     else:
+        _picked(rows, logits, pick, steps if getattr(pick, "speculative", False) else None)
+
+
+def _greedy(rows, tokens, steps):
+    chunk = 1
+    while not rows.take(tokens):
+        if steps is None:
+            tokens = rows.next_logits().argmax(-1).tolist()
+            continue
+        columns, counts, seconds = rows.run_steps(steps, chunk)
+        for tokens in columns[:-1]:
+            if rows.take(tokens):
+                return
+        tokens = columns[-1]
+        # As many steps per call as take ~CHUNK_SECONDS: more would hold off Ctrl-C and a streamer that long (the
+        # first call's time includes compiling the steps graph).
+        chunk = int(np.clip(CHUNK_SECONDS * counts.max() / seconds, 1, steps.STEPS))
+
+
+# Steps in a row where every row's pick was its argmax before ``_picked`` lets the steps kernel guess ahead, and the
+# steps one guess runs: a refused token wastes the steps after it, a call costs ~1/40 of a step of its own (SmolLM2
+# after the quickstart's LoRA refuses about one token in 80; bench/constrain.py measures the whole).
+AGREED = 1
+GUESS_STEPS = 8
+
+
+def _picked(rows, logits, pick, steps):
+    """Tokens chosen by ``pick`` from each step's logits. A pick that is greedy (``pick.speculative``; e.g. constrained
+    decoding) chooses the argmax whenever the argmax is allowed: after ``AGREED`` steps in a row where it did for every
+    row, the steps kernel runs ahead (``GUESS_STEPS`` argmax steps per call) and ``pick.accepts`` checks its tokens; a
+    row takes them up to the first it refuses, and the next step is computed again with the pick. The tokens are those
+    of one step per call; only the time differs (a refused guess costs the steps after it)."""
+    agreed = 0
+    while True:
+        tokens = pick(logits, rows.ends - rows.valid, rows.finished)
+        live = [i for i, done in enumerate(rows.finished) if not done]
+        agreed = agreed + 1 if all(int(np.argmax(logits[i])) == tokens[i] for i in live) else 0
+        if rows.take(tokens):
+            return
+        while steps is not None and agreed >= AGREED:
+            columns, counts, _ = rows.run_steps(steps, GUESS_STEPS)
+            refused = rows.take_checked(columns, counts, pick)
+            if all(rows.finished):
+                return
+            if refused:          # that row's next token comes from one step with the pick
+                agreed = 0
+                break
+        logits = rows.next_logits()
+
+
+class _Rows:
+    """The batch being decoded: its ids (batch, seq_length), lengths, end lengths, finished rows, and model calls."""
+
+    def __init__(self, model, ids, valid, ends, eos, streamer):
+        self.model, self.ids, self.valid, self.ends, self.eos, self.streamer = model, ids, valid, ends, eos, streamer
+        self.finished = [False] * len(ids)
+        self.forward = model.__dict__.get("forward_kernel")
+        self.eos_ids = [token for token in eos if token is not None] or [-1]      # -1: no token stops a row
+
+    def prefill(self):
+        model, ids, valid = self.model, self.ids, self.valid
+        block_tables, slot_mapping = model.block_mgr.assemble_pa_full_inputs(ids.shape[1], valid, self.finished)
+        if self.forward is not None:
+            return prefill(self.forward, ids, valid, block_tables)
         model.phase = "prefill"
         model.add_flags_custom(is_first_iteration=True)
         output = model(**_step_inputs(ids, valid, block_tables, slot_mapping))
         model.phase = "increment"
         model.add_flags_custom(is_first_iteration=False)
-        columns = [_logits(output, batch, valid - 1 + rows * seq_length).argmax(-1).tolist()]
-    # A batch's finished rows get no tokens from the steps kernel, where MindFormers' loop streams what their decode
-    # step computed; more rows than GEMV_MAX_ROWS take MatMul, not the kernel's product, in the decode-step graph.
-    steps = model.__dict__.get("decode_steps") if (streamer is None or batch == 1) and batch <= GEMV_MAX_ROWS \
-        else None
-    eos_ids = [token for token in eos if token is not None] or [-1]      # -1: no token stops a row
-    chunk = 1
-    while True:
-        for tokens in columns:
-            if _take(tokens, ids, valid, ends, finished, eos, streamer):
-                return
-        last = ids[rows, valid - 1]
-        if steps is None:
-            block_tables, slot_mapping = model.block_mgr.assemble_pa_inc_inputs(valid, finished)
-            if forward is not None:
-                logits = step(forward, last, valid, block_tables)
-            else:
-                logits = _logits(model(**_step_inputs(last.reshape(batch, 1), valid, block_tables, slot_mapping)),
-                                 batch, None)
-            columns = [logits.argmax(-1).tolist()]
-            continue
-        counts = np.array([0 if done else min(chunk, end - length) for done, end, length in zip(finished, ends, valid)],
-                          np.int32)
+        return _logits(output, len(ids), valid - 1 + np.arange(len(ids)) * ids.shape[1])
+
+    def next_logits(self):
+        # One decode step of every unfinished row, from its last token.
+        batch, valid = len(self.ids), self.valid
+        last = self.ids[np.arange(batch), valid - 1]
+        block_tables, slot_mapping = self.model.block_mgr.assemble_pa_inc_inputs(valid, self.finished)
+        if self.forward is not None:
+            return step(self.forward, last, valid, block_tables)
+        return _logits(self.model(**_step_inputs(last.reshape(batch, 1), valid, block_tables, slot_mapping)),
+                       batch, None)
+
+    def run_steps(self, steps, chunk):
+        # Up to ``chunk`` greedy steps of every unfinished row in one call of the steps kernel: the tokens as columns
+        # (-1 past a row's count or end-of-sequence), each row's count and the call's time.
+        counts = np.array([0 if done else min(chunk, end - length)
+                           for done, end, length in zip(self.finished, self.ends, self.valid)], np.int32)
+        last = self.ids[np.arange(len(self.ids)), self.valid - 1]
         start = time.perf_counter()
         decoded = steps(*(Tensor.from_numpy(np.ascontiguousarray(array, np.int32)) for array in (
-            last, valid, counts, _reserve(model.block_mgr, counts), eos_ids)))
-        columns = decoded.asnumpy().T[:counts.max()].tolist()
-        # As many steps per call as take ~CHUNK_SECONDS: more would hold off Ctrl-C and a streamer that long (the
-        # first call's time includes compiling the steps graph).
-        chunk = int(np.clip(CHUNK_SECONDS * counts.max() / (time.perf_counter() - start), 1, steps.STEPS))
+            last, self.valid, counts, _reserve(self.model.block_mgr, counts), self.eos_ids)))
+        return decoded.asnumpy().T[:counts.max()].tolist(), counts, time.perf_counter() - start
 
+    def take(self, tokens):
+        # Each unfinished row takes its token; it finishes at an end-of-sequence token or at its end length. True
+        # once every row has finished.
+        for i, token in enumerate(tokens):
+            if not self.finished[i]:
+                self._take_one(i, token)
+        if self.streamer is not None:
+            self.streamer.put(tokens[0] if len(tokens) == 1 else tokens)
+        return all(self.finished)
 
-def _take(tokens, ids, valid, ends, finished, eos, streamer):
-    # Each unfinished row takes its token; it finishes at an end-of-sequence token or at its end length. True once
-    # every row has finished.
-    for i, token in enumerate(tokens):
-        if finished[i]:
-            continue
-        ids[i, valid[i]] = token
-        if token in eos or valid[i] + 1 >= ends[i]:
-            finished[i] = True
+    def take_checked(self, columns, counts, pick):
+        # Each row takes the steps kernel's tokens that ``pick.accepts``, up to the first it refuses; the cache
+        # positions it reserved past that are given back to its count (their blocks stay: later steps fill them).
+        # True if some row refused one.
+        refused = False
+        for i, count in enumerate(counts):
+            taken = 0
+            for column in columns[:count]:
+                if self.finished[i]:
+                    break
+                if not pick.accepts(i, column[i], self.ends[i] - self.valid[i]):
+                    refused = True
+                    break
+                self._take_one(i, column[i])
+                taken += 1
+                if self.streamer is not None:
+                    self.streamer.put(column[i])
+            self.model.block_mgr.cache_engines[i].num_token -= int(count) - taken
+        return refused
+
+    def _take_one(self, i, token):
+        self.ids[i, self.valid[i]] = token
+        if token in self.eos or self.valid[i] + 1 >= self.ends[i]:
+            self.finished[i] = True
         else:
-            valid[i] += 1
-    if streamer is not None:
-        streamer.put(tokens[0] if len(tokens) == 1 else tokens)
-    return all(finished)
+            self.valid[i] += 1
 
 
 def _reserve(block_mgr, counts):

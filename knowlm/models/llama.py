@@ -39,7 +39,8 @@ from knowlm.checkpoints.model_dir import load_config, load_weights
 from knowlm.checkpoints.names import is_kv_cache_parameter
 from knowlm.errors import KnowLMError
 from knowlm.models.config import KnowLMConfig
-from knowlm.models.decoding import greedy_config, greedy_search, prefill as prefill_logits, step as step_logits
+from knowlm.models.decoding import (greedy_config, greedy_search, picked_config, prefill as prefill_logits,
+                                    step as step_logits)
 from knowlm.models.kernels import (DecodeMatMul, decode_steps, forward_kernel, fuse_decode_layer, fuse_final_norm,
                                    fuse_rotary_embedding, kernel_library)
 from knowlm.models.layers import (CrossEntropy, KnowLMRMSNorm, KVCacheWrite, PagedAttentionReference,
@@ -257,7 +258,7 @@ class KnowLMForCausalLM(LlamaForCausalLM):
         return processors
 
     def generate(self, input_ids, generation_config=None, logits_processor=None, streamer=None, seed=None,
-                 **kwargs):
+                 pick=None, **kwargs):
         """MindFormers' ``generate``, where a row's length is known from the input, not guessed from its tokens.
 
         ``input_ids``: one prompt (a list of ids, or a batch of one), or rows of different lengths, padded here
@@ -278,6 +279,11 @@ class KnowLMForCausalLM(LlamaForCausalLM):
             self._batch_size = batch
             for phase in ("prefill", "increment"):
                 self.phase_cache.pop(phase, None)
+        if pick is not None:
+            config = picked_config(self, generation_config, kwargs)
+            # One decode step per call: other graphs, in another order, than the greedy loop's (its own cache).
+            with compile_cache(self.config, self.kernel_library, graphs=(batch, "pick", self.stored_dtypes)):
+                return greedy_search(self, np.reshape(input_ids, (batch, width)), config, streamer, pick)
         if on_ascend():
             return super().generate(input_ids, generation_config=generation_config,
                                     logits_processor=logits_processor, streamer=streamer, seed=seed, **kwargs)

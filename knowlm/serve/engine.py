@@ -10,6 +10,10 @@ The kernels compute each row the same way whatever else is in its batch (``Produ
 prompt is read in chunks that end on multiples of the attention's 16-token runs, as ``knowlm generate`` reads it: a
 greedy request gets the tokens ``knowlm generate`` gives its prompt, whatever else is running.
 
+A request may carry a ``constraint`` (``knowlm.constrain.constraint.Constraint``: constrained extraction): its
+logits are masked to the tokens that keep its answer valid and let it end within its ``max_tokens``, before its
+sampler chooses.
+
 Events reach a request through its ``emit`` callback, called on the engine thread: ``("text", str)`` as text is
 released, then ``("done", finish_reason)`` (``stop``, ``length``, ``cancelled``) or ``("error", message)``.
 """
@@ -63,6 +67,7 @@ class Request:
     cancelled: bool = False
     arrived: float = field(default_factory=time.perf_counter)
     last_token_time: float = 0.0
+    constraint: object = None                      # knowlm.constrain's Constraint, or None
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -122,11 +127,11 @@ class Engine:
     def _blocks_for(self, prompt, params):
         return math.ceil((len(prompt) + params.max_tokens) / self.block_size)
 
-    def submit(self, prompt, params, emit) -> Request:
-        """Queue a request (``prompt``: token ids); its events go to ``emit``. ``Busy`` when the queue is full or
-        the server is shutting down."""
+    def submit(self, prompt, params, emit, constraint=None) -> Request:
+        """Queue a request (``prompt``: token ids); its events go to ``emit``; ``constraint`` masks its tokens.
+        ``Busy`` when the queue is full or the server is shutting down."""
         self.check(prompt, params)
-        request = Request([int(token) for token in prompt], params, emit)
+        request = Request([int(token) for token in prompt], params, emit, constraint=constraint)
         request.text = TextStream(self.tokenizer, params.stop)
         with self.cond:
             if not self.accepting:
@@ -261,7 +266,12 @@ class Engine:
                         self._fail(request, error)
 
     def _next_token(self, request, logits, now):
+        if request.constraint is not None:
+            left = min(request.params.max_tokens - len(request.output), self.seq_length - len(request.tokens))
+            logits = request.constraint.mask(logits, left)
         token = request.sampler(logits)
+        if request.constraint is not None:
+            request.constraint.advance(token)
         if self.observer:
             if request.output:
                 self.observer.token(now - request.last_token_time)

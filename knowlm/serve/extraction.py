@@ -9,6 +9,7 @@ import threading
 
 from starlette.concurrency import run_in_threadpool
 
+from knowlm.constrain.constraint import Constraint, vocabulary_of
 from knowlm.errors import KnowLMError
 from knowlm.generate import PromptTooLong, encode_prompts
 from knowlm.ie.extract import extract
@@ -32,7 +33,7 @@ async def run_extract(service, body, http) -> dict:
     generate = _generator(service.engine, service.tokenizer, body.max_tokens, gone)
     options = dict(family=body.family or default_family(service.model_name), language=body.language,
                    template=body.template, fmt=body.format, split_num=body.split_num, chat=body.chat,
-                   batch_size=service.engine.max_batch)
+                   batch_size=service.engine.max_batch, constrained=body.constrained)
     work = asyncio.ensure_future(run_in_threadpool(
         lambda: list(extract(records, body.task, schema, generate, **options))))
     try:
@@ -66,9 +67,12 @@ def _checked(body):
 
 
 def _generator(engine, tokenizer, max_tokens, gone):
-    """``generate(prompts) -> texts`` for ``extract``: greedy, ``max_tokens`` each, as ``knowlm extract``."""
-    def generate(prompts):
+    """``generate(prompts, [grammars]) -> texts`` for ``extract``: greedy, ``max_tokens`` each, as ``knowlm
+    extract`` (with answer grammars: as ``knowlm extract --constrained``)."""
+    def generate(prompts, grammars=None):
         encoded = encode_prompts(tokenizer, prompts)
+        constraints = [None] * len(prompts) if grammars is None else \
+            [Constraint(grammar, vocabulary_of(tokenizer, engine.eos)) for grammar in grammars]
         params = SamplingParams(max_tokens=max_tokens, temperature=0)
         for index, ids in enumerate(encoded):
             if len(ids) + max_tokens > engine.seq_length:
@@ -76,8 +80,8 @@ def _generator(engine, tokenizer, max_tokens, gone):
                                     f"passes the model's context of {engine.seq_length} tokens", index)
         outcomes, requests = [_Outcome() for _ in encoded], []
         try:
-            for ids, outcome in zip(encoded, outcomes):
-                requests.append(engine.submit(ids, params, outcome))
+            for ids, outcome, constraint in zip(encoded, outcomes, constraints):
+                requests.append(engine.submit(ids, params, outcome, constraint))
             for outcome in outcomes:
                 while not outcome.done.wait(0.25):
                     if gone.is_set():

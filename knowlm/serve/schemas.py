@@ -120,6 +120,7 @@ class ExtractBody(BaseModel):
     split_num: StrictInt | None = None
     chat: Literal["alpaca", "llama2"] | None = None
     max_tokens: StrictInt = Field(256, ge=1)          # knowlm extract's --max-new-tokens
+    constrained: StrictBool = False                   # knowlm extract's --constrained
 
     @model_validator(mode="after")
     def _one_input(self):

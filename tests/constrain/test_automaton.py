@@ -62,6 +62,15 @@ def test_a_repeated_entity_is_a_span_and_a_span_with_a_separator_is_not():
     assert not on_a_path(zh, "(深圳，")
 
 
+def test_spans_hold_whole_ascii_words_while_chinese_text_may_be_cut_anywhere():
+    grammar = answer_grammar("re", "tuple", "en", RELATIONS, TEXT)
+    assert not accepted(grammar, "(Par, capital, France)") and not accepted(grammar, "(aris, capital, France)")
+    assert accepted(grammar, "(the Louvre., capital, France)")
+    mixed = answer_grammar("re", "tuple", "zh", ["首都"], "华为P50发布于2023年。")
+    assert accepted(mixed, "(华为P50,首都,2023年)") and accepted(mixed, "(为P50,首都,布于)")
+    assert not accepted(mixed, "(为P,首都,华为)") and not accepted(mixed, "(华为,首都,50)")
+
+
 def test_an_empty_schema_group_allows_only_nan_or_an_empty_object():
     assert accepted(answer_grammar("re", "tuple", "en", [], TEXT), "NAN")
     assert not on_a_path(answer_grammar("re", "tuple", "en", [], TEXT), "(")
@@ -120,6 +129,9 @@ def test_every_random_walk_through_the_mask_ends_in_an_answer_that_parses(task, 
         for _ in range(60):
             choices = allowed_tokens(grammar, trie, state) + ([len(vocab) - 1] if grammar.accepts(state) else [])
             assert choices, answer.decode("utf-8", "replace")          # never a dead end
+            # The trie walk follows only the bytes a state may take: it finds exactly the tokens that fit.
+            assert sorted(allowed_tokens(grammar, trie, state)) == [
+                token for token, piece in enumerate(vocab) if piece and advance_bytes(grammar, state, piece)]
             token = rng.choice(choices)
             if token == len(vocab) - 1:
                 break

@@ -81,7 +81,7 @@ def test_cli_prints_a_table_and_writes_json(tmp_path, capsys):
     assert main(["evaluate", "--pred", str(pred), "--gold", str(_gold(tmp_path)), "--by", "source",
                  "--output", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["group", "level", "records", "unparsable", "missing", "gold", "predicted",
+    assert table[0].split() == ["group", "level", "records", "unparsable", "run-on", "missing", "gold", "predicted",
                                 "correct", "P", "R", "F1"]
     assert [row.split()[0] for row in table[1:]] == ["total", "GIDS", "NYT11"]
     assert json.loads(out.read_text(encoding="utf-8"))["total"]["missing"] == 2

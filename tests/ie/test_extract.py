@@ -62,7 +62,7 @@ def test_split_schema_answers_are_merged_into_one_line_per_record_in_order():
     assert len(results[0]["outputs"]) == 2 and results[0]["unparsable"] == 0
     assert results[1] == {"id": "b", "source": "web", "text": RECORDS[1]["text"], "relation": [
         {"head": "Lin Zhiyuan", "relation": "place of birth", "tail": "Baishi City"}], "unparsable": 0,
-        "outputs": ["(Lin Zhiyuan, place of birth, Baishi City)"]}
+        "run_on": 0, "outputs": ["(Lin Zhiyuan, place of birth, Baishi City)"]}
     assert results[2]["relation"] == [{"head": "青岚国", "relation": "首都", "tail": "云州"}]
 
 

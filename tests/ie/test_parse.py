@@ -4,7 +4,7 @@ import random
 import pytest
 
 from knowlm.ie.formats import FORMATS, render
-from knowlm.ie.parse import Parsed, loads_lenient, merge, parse
+from knowlm.ie.parse import Parsed, loads_lenient, merge, parse, run_on
 
 BIRTH_ZH = ("林知远", "出生地", "白石城")
 NATION_ZH = ("林知远", "国籍", "青岚国")
@@ -138,3 +138,14 @@ def test_random_garbage_parses_without_raising():
             for fmt in formats:
                 assert isinstance(parse(task, garbage, fmt, _SCHEMAS[task]), Parsed)
     assert isinstance(parse("re", "[" * 5000 + "{" * 5000, "oneke"), Parsed)
+
+
+def test_run_on_is_text_after_the_last_closed_tuple_or_json_object():
+    assert not run_on("re", "(a, r, b),(c, r, d)") and not run_on("re", "  NAN ")
+    assert run_on("re", "(a, r, b)\nThese are the triples I found.")
+    assert run_on("re", "(a, r, b),(c, r")                      # cut off by the token limit
+    assert run_on("re", "NAN. There is no relation.")
+    assert run_on("ner", "（华为，公司）还有", "tuple")              # full-width brackets
+    assert not run_on("re", '{"r": [{"subject": "a", "object": "b"}]}', "oneke")
+    assert run_on("re", '{"r": []} and more', "oneke")
+    assert not run_on("re", "nothing an answer could be read from")   # unparsable, not run-on

@@ -195,6 +195,15 @@ def test_extract_answers_as_knowlm_extract_writes(server, tmp_path):
     assert status == 200 and answer["results"] == expected
     status, one = post(f"{server.url}/extract", {"text": records[0]["text"], "schema": schema, "max_tokens": 48})
     assert status == 200 and one["results"][0]["outputs"] == expected[0]["outputs"]
+    # Constrained: the engine masks each request's tokens as knowlm extract --constrained does.
+    assert main(["extract", "--model", "smollm2", "--schema", str(PACKAGE_DIR / "assets" / "kg" / "schema.json"),
+                 "--input", str(inputs), "--output", str(tmp_path / "constrained.jsonl"), "--max-new-tokens", "48",
+                 "--constrained"]) == 0
+    expected = [json.loads(line) for line in (tmp_path / "constrained.jsonl").read_text(encoding="utf-8").splitlines()]
+    status, answer = post(f"{server.url}/extract", {"records": [{"id": r["id"], "text": r["text"]} for r in records],
+                                                    "schema": schema, "max_tokens": 48, "constrained": True})
+    assert status == 200 and answer["results"] == expected
+    assert all(result["unparsable"] == 0 and result["run_on"] == 0 for result in expected)
 
 
 @pytest.mark.parametrize("body, raw, status, fragment", [
