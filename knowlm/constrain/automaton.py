@@ -13,6 +13,7 @@ separator. ``Grammar.accepts`` says where the answer may end; nowhere else.
 stays on a path: the mask of one decode step (plus end-of-sequence where the answer may end).
 """
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 
 class SuffixAutomaton:
@@ -93,8 +94,10 @@ def span_source(text, forbidden=frozenset()) -> bytes:
 _LOOSE_END = frozenset(" \t\r\n,，")      # a span ending on these would parse as another string (stripped, split)
 
 
+@lru_cache(maxsize=32)
 def span_of(text, forbidden=frozenset()) -> Span:
-    """The ``Span`` element of ``text``'s substrings that hold no ``forbidden`` character."""
+    """The ``Span`` element of ``text``'s substrings that hold no ``forbidden`` character; built once for the prompts
+    a record's schema is split over (a span holds no decoding state: grammars share it)."""
     longest = run = 0
     for c in text:          # the longest run of characters a span may not end on: what ending it can take
         run = run + 1 if c in _LOOSE_END else 0

@@ -10,7 +10,7 @@ import weakref
 
 import numpy as np
 
-from knowlm.constrain.automaton import State, VocabularyTrie, advance_bytes, walk
+from knowlm.constrain.automaton import State, VocabularyTrie, advance_bytes, allowed_tokens, walk
 from knowlm.constrain.vocab import token_bytes
 
 BLANK = 0x20
@@ -52,13 +52,6 @@ def vocabulary_of(tokenizer, eos_ids) -> Vocabulary:
     return built[key]
 
 
-def _drops_leading_blank(tokenizer, pieces):
-    for token, data in enumerate(pieces):
-        if data and len(data) > 1 and data[0] == BLANK and data[1:].isalpha() and data.isascii():
-            return tokenizer.decode([token]) == data[1:].decode()
-    return False
-
-
 class Constraint:
     """The decoding state of one answer to ``grammar`` (``formats.answer_grammar``) in ``vocabulary``'s tokens."""
 
@@ -93,24 +86,33 @@ class Constraint:
         if data is None:
             return
         following = advance_bytes(self.grammar, self.state, data)
-        if self.first and self.vocabulary.drops_leading_blank and data[0] == BLANK:
+        if self._blank_may_lead() and data[0] == BLANK:
             following = State(following.configs | advance_bytes(self.grammar, self.state, data[1:]).configs)
         if not following:
             raise ValueError(f"token {token} ({data!r}) leaves the answer's grammar")
         self.state, self.first = following, False
 
+    def _blank_may_lead(self):
+        # The answer's first token, in a vocabulary whose decoding drops its leading blank.
+        return self.first and self.vocabulary.drops_leading_blank
+
+    def _blank_led(self):
+        # (token, state) of the tokens that are a blank and then bytes that keep the answer on its grammar.
+        blank = self.vocabulary.trie.children[0].get(BLANK)
+        return walk(self.grammar, self.vocabulary.trie, self.state, blank) if blank is not None else []
+
     def _walk(self):
-        grammar, trie = self.grammar, self.vocabulary.trie
-        pairs = walk(grammar, trie, self.state)
-        if self.first and self.vocabulary.drops_leading_blank and BLANK in trie.children[0]:
-            pairs += walk(grammar, trie, self.state, trie.children[0][BLANK])
-        return pairs
+        pairs = walk(self.grammar, self.vocabulary.trie, self.state)
+        return pairs + self._blank_led() if self._blank_may_lead() else pairs
 
     def _tokens(self):
         # Remembered per state in the grammar: the same states recur (each tuple's start, each span's start).
         key = ("tokens", id(self.vocabulary), self.state, self.first)
         if key not in self.grammar.masks:
-            self.grammar.masks[key] = np.array(sorted({token for token, _ in self._walk()}), np.int64)
+            tokens = set(allowed_tokens(self.grammar, self.vocabulary.trie, self.state))
+            if self._blank_may_lead():
+                tokens.update(token for token, _ in self._blank_led())
+            self.grammar.masks[key] = np.array(sorted(tokens), np.int64)
         return self.grammar.masks[key]
 
     def _distances(self):

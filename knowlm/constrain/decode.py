@@ -56,7 +56,6 @@ class Picker:
             tokens.append(token)
         return tokens
 
-
     def accepts(self, row, token, remaining) -> bool:
         """Whether ``token`` is what greedy choice would take for ``row`` if the model's argmax is ``token``: it is
         allowed there (it is then taken, as from ``__call__``)."""
